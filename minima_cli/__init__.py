@@ -1,0 +1,3 @@
+"""minima: compress LLaMA-family language models by scoring, pruning and distilling."""
+
+__version__ = "0.1.0"

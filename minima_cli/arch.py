@@ -1,0 +1,129 @@
+"""LLaMA-family architecture access: which models minima supports, their shape, parameter counts.
+
+Everything here is pure (configs and numbers in, numbers out) except the small module accessors
+at the bottom, which only walk an already-built `transformers` model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from minima_cli.errors import MinimaError
+
+# model_type -> which projections carry biases and whether q/k have a per-head RMSNorm.
+# All four share LLaMA's layout: model.embed_tokens, model.layers[i].{input_layernorm,
+# self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The five prunable axes of a LLaMA-family model, plus what parameter counting needs."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head (1 for plain multi-head attention)."""
+        return self.heads // self.kv_heads
+
+    def replace(self, **changes: Any) -> ModelShape:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_supported(config: Any) -> None:
+    """Raise a one-line MinimaError unless `config` is a LLaMA-family causal LM minima can prune."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise MinimaError(
+            f"unsupported architecture {model_type!r}: minima handles LLaMA-family models "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise MinimaError(
+            f"config has {config.num_attention_heads} attention heads, not a multiple of "
+            f"{config.num_key_value_heads} kv heads"
+        )
+
+
+def shape_from_config(config: Any) -> ModelShape:
+    """Read the prunable shape (and bias layout) of a supported config."""
+    check_supported(config)
+    model_type = config.model_type
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    if model_type == "qwen2":  # Qwen2 hard-codes biases on q/k/v and none on o_proj
+        qkv_bias, o_bias = True, False
+    else:
+        qkv_bias = o_bias = attention_bias
+    return ModelShape(
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        ffn=config.intermediate_size,
+        vocab=config.vocab_size,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)) if model_type == "llama" else False,
+        qk_norm=model_type == "qwen3",
+    )
+
+
+def count_parameters(shape: ModelShape) -> int:
+    """Exact parameter count of a LLaMA-family model of this shape (tied weights counted once)."""
+    d, hd = shape.hidden, shape.head_dim
+    q, kv = shape.heads * hd, shape.kv_heads * hd
+    attention = d * q + 2 * d * kv + q * d
+    if shape.qkv_bias:
+        attention += q + 2 * kv
+    if shape.o_bias:
+        attention += d
+    if shape.qk_norm:
+        attention += 2 * hd
+    mlp = 3 * d * shape.ffn + (2 * shape.ffn + d if shape.mlp_bias else 0)
+    per_layer = attention + mlp + 2 * d  # two RMSNorms
+    embeddings = shape.vocab * d * (1 if shape.tied else 2)
+    return embeddings + shape.layers * per_layer + d  # final norm
+
+
+def format_count(n: float) -> str:
+    """Human-readable parameter count: 3.02B, 134.5M, 812K."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n:.0f}"
+
+
+# --- module accessors (the only code here that touches a built model) ---------------------------
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def residual_norms(model: nn.Module) -> list[nn.Module]:
+    """Every RMSNorm that reads the residual stream (not Qwen3's per-head q/k norms)."""
+    norms = []
+    for layer in decoder_layers(model):
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+    return [*norms, model.model.norm]

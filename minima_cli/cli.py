@@ -1,0 +1,237 @@
+"""The `minima` command line: one thin subcommand per stage over the stage modules.
+
+A user error prints one line, `error: ...`, and exits 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from minima_cli import __version__
+from minima_cli.errors import MinimaError
+
+try:  # typer >= 0.26 vendors its own click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import exceptions as click_errors
+
+app = typer.Typer(
+    name="minima",
+    help="Compress LLaMA-family language models: score -> prune -> distill -> sft -> eval.\n\n"
+    "Every stage reads and writes ordinary Hugging Face checkpoint directories, atomically, "
+    "with a minima.json manifest. Start with `minima tiny --output demo` for a teacher to try.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+
+
+class Method(str, Enum):
+    grad = "grad"
+    activation = "activation"
+
+
+class Priority(str, Enum):
+    local = "local"
+    global_ = "global"
+
+
+class LayerSelection(str, Enum):
+    auto = "auto"
+    score = "score"
+    units = "units"
+    middle = "middle"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def torch_dtype(name: DType):
+    import torch
+
+    return None if name == DType.auto else getattr(torch, name.value)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"minima {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """minima: teacher in, smaller standard Hugging Face student out."""
+
+
+FORCE = typer.Option(False, "--force", help="Replace an existing output directory.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+@app.command()
+def tiny(
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to create: teacher/ "
+                                "(HF model + tokenizer), data/train.txt, data/valid.txt, "
+                                "data/facts.jsonl."),
+    seed: int = typer.Option(0, help="Seed for the corpus, the initial weights and batching."),
+    gqa: bool = typer.Option(True, "--gqa/--no-gqa", help="Grouped-query attention (2 query "
+                             "heads per kv head) or plain multi-head attention."),
+    tied: bool = typer.Option(True, "--tied/--untied", help="Tie lm_head to the embeddings."),
+    steps: int = typer.Option(200, min=0, help="Pre-training steps for the teacher."),
+    documents: int = typer.Option(2000, min=10, help="Documents in the generated corpus."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Build the tiny world in seconds: a small LLaMA teacher pre-trained on a generated corpus
+    with a locally trained byte-level BPE tokenizer. Everything offline."""
+    from minima_cli.checkpoint import atomic_output_dir, write_manifest
+    from minima_cli.tiny import build_tiny_world
+
+    with atomic_output_dir(output, force=force) as tmp:
+        summary = build_tiny_world(tmp, seed=seed, gqa=gqa, tied=tied, n_documents=documents,
+                                   steps=steps, progress=not quiet)
+        summary = {k: (v.replace(str(tmp), str(output)) if isinstance(v, str) else v)
+                   for k, v in summary.items()}
+        write_manifest(tmp, "tiny", config={"seed": seed, "gqa": gqa, "tied": tied,
+                                            "steps": steps, "documents": documents},
+                       metrics=summary)
+    table = Table(title=f"tiny world in {output}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
+def score(
+    model: str = typer.Option(..., "--model", "-m", help="Teacher: an HF directory "
+                              "(safetensors) or a .gguf file."),
+    data: str = typer.Option(..., "--data", "-d", help="Text to score on: .txt (a document a "
+                             "line), .jsonl/.json, .parquet, a directory of them, or a dataset "
+                             "name on the hub (online only)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write "
+                                "(scores.safetensors + minima.json)."),
+    batches: int = typer.Option(16, help="Batches to accumulate scores over (fewer if the data "
+                                "runs out)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence (documents are "
+                                "packed with EOS separators)."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per batch."),
+    method: Method = typer.Option(Method.grad, help="grad: mean |dLoss/dmask| (MiniMA); "
+                                  "activation: mean activation magnitude (Minitron)."),
+    text_field: str = typer.Option("text", "--text-field", help="Field holding the text in "
+                                   "jsonl/json/parquet data."),
+    seed: int = typer.Option(0, help="Seed for sampling the scored sequences."),
+    dtype: DType = typer.Option(DType.auto, help="Weights dtype (auto: as stored)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Score heads, kv groups, FFN neurons, hidden dims and layers by the gradient of the LM loss
+    w.r.t. masks on them (parameters frozen), accumulated over data."""
+    from minima_cli.score import run_score
+
+    manifest = run_score(model_path=model, data=data, output=output, batches=batches,
+                         seq_len=seq_len, batch_size=batch_size, method=method.value,
+                         text_field=text_field, seed=seed, dtype=torch_dtype(dtype),
+                         device=device, force=force, progress=not quiet)
+    metrics = manifest["metrics"]
+    out.print(f"scored {metrics['tokens']:,} tokens in {manifest['wall_time_s']:.1f}s "
+              f"({metrics['tokens_per_second']:,.0f} tok/s, mean loss "
+              f"{metrics['mean_loss']:.4f}) -> {output}")
+
+
+@app.command()
+def prune(
+    model: str = typer.Option(..., "--model", "-m", help="Teacher: an HF directory "
+                              "(safetensors) or a .gguf file."),
+    scores: str = typer.Option(None, "--scores", "-s", help="Output directory of `minima "
+                               "score` for this model (optional with --dry-run)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Directory for the pruned "
+                                "standard HF model."),
+    shape: str = typer.Option(None, help="Target shape, e.g. layers=24,hidden=3072,heads=24,"
+                              "kv-heads=24,ffn=8192. Missing axes keep the teacher's value, or "
+                              "are solved from --params/--ratio."),
+    params: str = typer.Option(None, help="Target parameter count (3B, 60M, 1.5e9): free width "
+                               "axes are scaled together (symmetric shaping)."),
+    ratio: float = typer.Option(None, help="Target as the fraction of parameters kept, in "
+                                "(0, 1), e.g. 0.45."),
+    priority: Priority = typer.Option(Priority.local, help="local: each layer keeps its own "
+                                      "top units; global: units compete across layers, which "
+                                      "decides the layers removed."),
+    layer_selection: LayerSelection = typer.Option(
+        LayerSelection.auto, "--layer-selection",
+        help="Layers kept when fewer are asked: score (layer-mask score), units (most globally "
+        "surviving units), middle (MiniMA: drop equally from both ends); auto = units with "
+        "--priority global, else score."),
+    multiple_of: int = typer.Option(8, "--multiple-of", help="Round solved hidden/FFN widths "
+                                    "to this multiple."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned shape and "
+                                 "parameters; write nothing."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Structured pruning on layers, hidden dims, heads (GQA-aware), kv groups and FFN neurons,
+    into a standard HF checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads."""
+    from minima_cli.prune import run_prune
+
+    result = run_prune(model_path=model, output=output, scores_path=scores, shape=shape,
+                       params=params, ratio=ratio, priority=priority.value,
+                       layer_selection=layer_selection.value, multiple_of=multiple_of,
+                       dry_run=dry_run, force=force, progress=not quiet)
+    table = Table(title="prune plan" if dry_run else f"pruned -> {output}")
+    for column in ("axis", "teacher", "student", "kept"):
+        table.add_column(column, justify="left" if column == "axis" else "right")
+    for row in result["table"]:
+        table.add_row(*row)
+    out.print(table)
+    if "plan" in result:
+        out.print(f"layers kept: {result['plan']['layers']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one `error:` line and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv if argv is not None else sys.argv[1:], prog_name="minima",
+                     standalone_mode=False)
+    except MinimaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except click_errors.NoArgsIsHelpError as error:
+        print(error.ctx.get_help())
+        return 0
+    except click_errors.UsageError as error:
+        print(f"error: {error.format_message()}", file=sys.stderr)
+        return 2
+    except (typer.Exit, click_errors.ClickException) as error:
+        if isinstance(error, typer.Exit):
+            return error.exit_code
+        print(f"error: {error.format_message()}", file=sys.stderr)
+        return 1
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints `error: <message>` on one line and exits 2."""
+
+
+class MinimaError(Exception):
+    """A problem with the user's input (paths, shapes, data). Never a bug in minima."""

@@ -1,0 +1,283 @@
+"""`minima score`: expressive scores of heads, kv groups, FFN neurons, hidden dims and layers.
+
+grad (default, MiniMA): S(m) = (1/N) sum_batches |dL/dm| at m = 1 (first-order Taylor importance
+of removing the unit), with only the masks requiring grad, so a batch costs one forward and an
+activation-only backward.
+activation (Minitron): mean activation magnitude at each unit (head context L2 norm, |neuron|,
+|residual RMSNorm output| per dim) and, for layers, Block Influence 1 - cos(h_in, h_out).
+
+Raw scores and per-layer L2-normalised scores (hidden and layers by their own L2 norm) are saved;
+normalised scores are what compete across layers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minima_cli.arch import ModelShape, decoder_layers, residual_norms, shape_from_config
+from minima_cli.checkpoint import (
+    atomic_output_dir,
+    check_output,
+    file_sha256,
+    load_config,
+    load_model,
+    model_fingerprint,
+    read_manifest,
+    resolve_model,
+    write_manifest,
+)
+from minima_cli.errors import MinimaError
+from minima_cli.masks import AXES, Masks, masked
+from minima_cli.progress import step_progress
+
+SCORES_FILE = "scores.safetensors"
+METHODS = ("grad", "activation")
+
+
+# --- pure math -----------------------------------------------------------------------------------
+
+
+def normalize_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-layer L2 normalisation of [layers, units] scores; 1-D scores by their own L2 norm."""
+    return {
+        axis: scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        for axis, scores in raw.items()
+    }
+
+
+def gradient_scores(
+    model: nn.Module,
+    shape: ModelShape,
+    batches: Iterable[torch.Tensor],
+    on_batch: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Mean absolute gradient of the LM loss w.r.t. every mask at 1; returns (scores, mean loss).
+    Parameters are frozen for the duration (restored after)."""
+    device = next(model.parameters()).device
+    masks = Masks.ones(shape, requires_grad=True).to(device)
+    mask_list = list(masks.as_dict().values())
+    totals = [torch.zeros_like(m, dtype=torch.float64) for m in mask_list]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    count, loss_sum = 0, 0.0
+    try:
+        with masked(model, masks, shape):
+            for batch in batches:
+                batch = batch.to(device)
+                loss = model(input_ids=batch, labels=batch).loss
+                grads = torch.autograd.grad(loss, mask_list)
+                for total, grad in zip(totals, grads, strict=True):
+                    total += grad.abs().double()
+                count += 1
+                loss_sum += loss.item()
+                if on_batch:
+                    on_batch(batch.numel(), loss.item())
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    totals, count, loss_sum = all_reduce_sums(totals, count, loss_sum)
+    if count == 0:
+        raise MinimaError("no batches to score")
+    scores = {axis: (t / count).float().cpu() for axis, t in zip(AXES, totals, strict=True)}
+    return scores, loss_sum / count
+
+
+@torch.no_grad()
+def activation_scores(
+    model: nn.Module,
+    shape: ModelShape,
+    batches: Iterable[torch.Tensor],
+    on_batch: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Minitron-style activation magnitudes, token-averaged; returns (scores, mean loss)."""
+    L = shape.layers
+    device = next(model.parameters()).device
+    sums = {
+        "heads": torch.zeros(L, shape.heads, dtype=torch.float64, device=device),
+        "ffn": torch.zeros(L, shape.ffn, dtype=torch.float64, device=device),
+        "hidden": torch.zeros(shape.hidden, dtype=torch.float64, device=device),
+        "layers": torch.zeros(L, dtype=torch.float64, device=device),
+    }
+
+    def per_token(x: torch.Tensor) -> torch.Tensor:  # sum over batch and positions, in fp64
+        return x.double().flatten(0, -2).sum(0)
+
+    def on_heads(layer):
+        def hook(module, args):
+            context = args[0].unflatten(-1, (shape.heads, shape.head_dim))
+            sums["heads"][layer] += per_token(context.float().norm(dim=-1))
+
+        return hook
+
+    def on_neurons(layer):
+        return lambda module, args: sums["ffn"][layer].add_(per_token(args[0].abs()))
+
+    def on_norm(module, args, output):
+        sums["hidden"].add_(per_token(output.abs()))
+
+    def on_layer(layer):
+        def hook(module, args, output):
+            h_out = output[0] if isinstance(output, tuple) else output
+            cosine = torch.cosine_similarity(args[0].float(), h_out.float(), dim=-1)
+            sums["layers"][layer] += (1 - cosine).double().sum()
+
+        return hook
+
+    handles = []
+    for index, layer in enumerate(decoder_layers(model)):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(on_heads(index)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(on_neurons(index)))
+        handles.append(layer.register_forward_hook(on_layer(index)))
+    handles += [norm.register_forward_hook(on_norm) for norm in residual_norms(model)]
+    tokens, count, loss_sum = 0, 0, 0.0
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            tokens += batch.numel()
+            count += 1
+            loss_sum += loss.item()
+            if on_batch:
+                on_batch(batch.numel(), loss.item())
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals, count, loss_sum = all_reduce_sums(list(sums.values()), count, loss_sum)
+    if count == 0:
+        raise MinimaError("no batches to score")
+    tokens = tokens * (dist.get_world_size() if dist.is_initialized() else 1)
+    scores = {axis: (t / tokens).float().cpu() for axis, t in zip(sums, totals, strict=True)}
+    # A kv group is as important as its query heads together.
+    scores["kv_groups"] = scores["heads"].view(L, shape.kv_heads, shape.group_size).sum(-1)
+    return {axis: scores[axis] for axis in AXES}, loss_sum / count
+
+
+def all_reduce_sums(
+    totals: list[torch.Tensor], count: int, loss_sum: float
+) -> tuple[list[torch.Tensor], int, float]:
+    """Under data parallelism every rank scored its own shard: sum the accumulators."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return totals, count, loss_sum
+    for total in totals:
+        dist.all_reduce(total)
+    scalars = torch.tensor([count, loss_sum], dtype=torch.float64, device=totals[0].device)
+    dist.all_reduce(scalars)
+    return totals, int(scalars[0].item()), float(scalars[1].item())
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def save_scores(directory: Path, raw: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors = {**normalize_scores(raw), **{f"{axis}_raw": t for axis, t in raw.items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / SCORES_FILE, metadata)
+
+
+def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a score directory (or its scores.safetensors): (tensors, manifest)."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    if not (directory / SCORES_FILE).is_file():
+        raise MinimaError(f"scores not found: {directory / SCORES_FILE}")
+    manifest = read_manifest(directory)
+    if manifest.get("stage") != "score":
+        raise MinimaError(f"{directory}: not a score output (stage {manifest.get('stage')!r})")
+    return load_file(directory / SCORES_FILE), manifest
+
+
+def data_hash(source: str) -> str:
+    path = Path(source)
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        return ",".join(file_sha256(f) for f in sorted(path.rglob("*")) if f.is_file())
+    return f"hub:{source}"
+
+
+def score_blocks(
+    tokenizer: Any, data: str, text_field: str, seq_len: int, n_blocks: int, seed: int
+) -> torch.Tensor:
+    """Tokenise the documents, pack them into seq_len blocks and take a seeded sample."""
+    from minima_cli.data import pack_documents, read_documents, tokenize_documents
+
+    if tokenizer.eos_token_id is None:
+        raise MinimaError("the tokenizer has no EOS token to separate documents")
+    documents = read_documents(data, text_field)
+    blocks = pack_documents(tokenize_documents(tokenizer, documents), seq_len,
+                            tokenizer.eos_token_id)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return blocks[order[:n_blocks]]
+
+
+def run_score(
+    *,
+    model_path: str,
+    data: str,
+    output: Path,
+    batches: int = 16,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    method: str = "grad",
+    text_field: str = "text",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score `model_path` on `data` into `output` (scores.safetensors + minima.json)."""
+    from minima_cli.checkpoint import load_tokenizer
+
+    if method not in METHODS:
+        raise MinimaError(f"unknown method {method!r}: choose {' or '.join(METHODS)}")
+    for name, value in (("batches", batches), ("seq-len", seq_len), ("batch-size", batch_size)):
+        if value <= 0:
+            raise MinimaError(f"--{name} must be positive, got {value}")
+    check_output(output, force)
+    source = resolve_model(model_path)
+    config = load_config(source)
+    shape = shape_from_config(config)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and seq_len > max_positions:
+        raise MinimaError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions")
+    blocks = score_blocks(load_tokenizer(source), data, text_field, seq_len,
+                          batches * batch_size, seed)
+    n_batches = -(-len(blocks) // batch_size)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(source, dtype=dtype).to(device)
+    scorer = gradient_scores if method == "grad" else activation_scores
+
+    start = time.perf_counter()
+    with step_progress(f"score ({method})", n_batches, enabled=progress, loss=float("nan")) as bar:
+        raw, mean_loss = scorer(
+            model, shape, blocks.split(batch_size),
+            on_batch=lambda tokens, loss: bar.update(tokens, loss=loss),
+        )
+    seconds = time.perf_counter() - start
+    fingerprint = model_fingerprint(source)
+    with atomic_output_dir(output, force=force) as tmp:
+        save_scores(tmp, raw, {"model_fingerprint": fingerprint, "method": method})
+        return write_manifest(
+            tmp,
+            "score",
+            inputs={
+                "model": {"path": str(source), "fingerprint": fingerprint},
+                "data": {"source": str(data), "sha256": data_hash(data), "text_field": text_field},
+            },
+            config={"method": method, "batches": n_batches, "seq_len": seq_len,
+                    "batch_size": batch_size, "seed": seed, "dtype": str(model.dtype)},
+            model_shape=shape.as_dict(),
+            metrics={"tokens": int(blocks.numel()), "mean_loss": mean_loss,
+                     "tokens_per_second": blocks.numel() / seconds},
+            wall_time_s=seconds,
+        )
