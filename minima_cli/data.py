@@ -45,7 +45,9 @@ def read_documents(source: str | Path, text_field: str = "text") -> list[str]:
         raise MinimaError(f"data source not found: {source}")
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise MinimaError(f"no documents in {source} (it is empty or every '{text_field}' is blank)")
+        raise MinimaError(
+            f"no documents in {source} (it is empty or every '{text_field}' is blank)"
+        )
     return docs
 
 

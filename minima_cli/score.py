@@ -53,6 +53,14 @@ def normalize_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, in fp32 at least (fp64 stays fp64, for exact checks)."""
+    logits = logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
+
+
 def gradient_scores(
     model: nn.Module,
     shape: ModelShape,
@@ -73,7 +81,7 @@ def gradient_scores(
         with masked(model, masks, shape):
             for batch in batches:
                 batch = batch.to(device)
-                loss = model(input_ids=batch, labels=batch).loss
+                loss = lm_loss(model(input_ids=batch).logits, batch)
                 grads = torch.autograd.grad(loss, mask_list)
                 for total, grad in zip(totals, grads, strict=True):
                     total += grad.abs().double()
@@ -119,7 +127,10 @@ def activation_scores(
         return hook
 
     def on_neurons(layer):
-        return lambda module, args: sums["ffn"][layer].add_(per_token(args[0].abs()))
+        def hook(module, args):  # must return None: a pre-hook's return value replaces the input
+            sums["ffn"][layer] += per_token(args[0].abs())
+
+        return hook
 
     def on_norm(module, args, output):
         sums["hidden"].add_(per_token(output.abs()))
