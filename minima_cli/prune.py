@@ -428,7 +428,7 @@ def prune_checkpoint(
     student.save_pretrained(out)
     weight_map, total_bytes, largest = {}, 0, 0
     n_tensors = sum(len(specs) for _, specs, _ in shards)
-    with step_progress("prune", n_tensors, enabled=progress) as bar:
+    with step_progress("prune", n_tensors, enabled=progress, tokens=False) as bar:
         for file_name, specs, get_tensor in shards:
             out_specs = [s for s in (student_spec(spec, plan, teacher.tied) for spec in specs) if s]
             if not out_specs:
