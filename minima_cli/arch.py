@@ -35,6 +35,7 @@ class ModelShape:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    model_type: str = "llama"
 
     @property
     def group_size(self) -> int:
@@ -86,7 +87,19 @@ def shape_from_config(config: Any) -> ModelShape:
         o_bias=o_bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)) if model_type == "llama" else False,
         qk_norm=model_type == "qwen3",
+        model_type=model_type,
     )
+
+
+def shape_problem(shape: ModelShape) -> str | None:
+    """Why transformers would refuse a config of this shape, or None. LlamaConfig (5.x) insists
+    on hidden % heads == 0 even with an explicit head_dim; the others do not."""
+    if shape.heads % shape.kv_heads:
+        return f"heads={shape.heads} is not a multiple of kv-heads={shape.kv_heads}"
+    if shape.model_type == "llama" and shape.hidden % shape.heads:
+        return (f"hidden={shape.hidden} is not a multiple of heads={shape.heads}, which "
+                "transformers' LlamaConfig requires")
+    return None
 
 
 def count_parameters(shape: ModelShape) -> int:

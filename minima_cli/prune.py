@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from minima_cli.arch import ModelShape, count_parameters, format_count, shape_from_config
+from minima_cli.arch import (
+    ModelShape,
+    count_parameters,
+    format_count,
+    shape_from_config,
+    shape_problem,
+)
 from minima_cli.checkpoint import (
     ModelSource,
     SafetensorsStreamWriter,
@@ -117,24 +124,32 @@ def feasible_head_counts(teacher: ModelShape) -> list[int]:
                    for q in range(1, teacher.group_size + 1)})
 
 
-def round_width(value: float, full: int, multiple_of: int) -> int:
-    """Round a scaled width to a multiple of `multiple_of` (hardware-friendly), within [1, full]."""
-    step = multiple_of if full >= 4 * multiple_of else 1
-    return int(min(full, max(step, round(value / step) * step)))
+def round_width(value: float, full: int, step: int) -> int:
+    """Round a scaled width to a multiple of `step` (hardware-friendly), within [step, full]."""
+    largest = full // step * step
+    return int(min(largest, max(step, round(value / step) * step)))
 
 
 def symmetric_shape(teacher: ModelShape, factor: float, fixed: dict[str, int],
                     multiple_of: int = 8) -> ModelShape:
     """Scale every width axis not in `fixed` by the same factor (MiniMA's symmetric shaping)."""
     values = dict(fixed)
-    if "hidden" not in values:
-        values["hidden"] = round_width(teacher.hidden * factor, teacher.hidden, multiple_of)
-    if "ffn" not in values:
-        values["ffn"] = round_width(teacher.ffn * factor, teacher.ffn, multiple_of)
+    needs_divisible_hidden = teacher.model_type == "llama"
     if "heads" not in values and "kv_heads" not in values:
         wanted = teacher.heads * factor
-        values["heads"] = min(feasible_head_counts(teacher), key=lambda h: (abs(h - wanted), -h))
+        options = feasible_head_counts(teacher)
+        if needs_divisible_hidden and "hidden" in values:
+            options = [h for h in options if values["hidden"] % h == 0] or options
+        values["heads"] = min(options, key=lambda h: (abs(h - wanted), -h))
     heads, kv_heads = split_heads(teacher, values.get("heads"), values.get("kv_heads"))
+    if "hidden" not in values:
+        step = multiple_of if teacher.hidden >= 4 * multiple_of else 1
+        if needs_divisible_hidden:
+            step = math.lcm(step, heads)
+        values["hidden"] = round_width(teacher.hidden * factor, teacher.hidden, step)
+    if "ffn" not in values:
+        step = multiple_of if teacher.ffn >= 4 * multiple_of else 1
+        values["ffn"] = round_width(teacher.ffn * factor, teacher.ffn, step)
     return teacher.replace(layers=values.get("layers", teacher.layers), hidden=values["hidden"],
                            heads=heads, kv_heads=kv_heads, ffn=values["ffn"])
 
@@ -165,7 +180,10 @@ def resolve_target(
         params = round(ratio * count_parameters(teacher))
     if params is None:
         heads, kv_heads = split_heads(teacher, fixed.get("heads"), fixed.get("kv_heads"))
-        return teacher.replace(**{**fixed, "heads": heads, "kv_heads": kv_heads})
+        target = teacher.replace(**{**fixed, "heads": heads, "kv_heads": kv_heads})
+        if problem := shape_problem(target):
+            raise MinimaError(f"target {problem}")
+        return target
     total = count_parameters(teacher)
     if params <= 0:
         raise MinimaError(f"target size {params} must be positive")
@@ -177,6 +195,10 @@ def resolve_target(
     if {"hidden", "ffn"} <= fixed.keys() and fixed.keys() & {"heads", "kv_heads"}:
         raise MinimaError("--params/--ratio need at least one width axis left free in --shape")
     candidates = [symmetric_shape(teacher, i / 1000, fixed, multiple_of) for i in range(1, 1001)]
+    candidates = [s for s in candidates if shape_problem(s) is None]
+    if not candidates:
+        raise MinimaError(f"no valid shape keeps the fixed axes {fixed}: "
+                          f"{shape_problem(symmetric_shape(teacher, 0.5, fixed, multiple_of))}")
     best = min(candidates, key=lambda s: (abs(count_parameters(s) - params), count_parameters(s)))
     if count_parameters(best) > 1.5 * params:
         raise MinimaError(

@@ -12,8 +12,10 @@ normalised scores are what compete across layers.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +231,27 @@ def score_blocks(
     return blocks[order[:n_blocks]]
 
 
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group when launched by torchrun, else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def finish_barrier(world: int) -> Iterator[None]:
+    """Rank 0 joins the other ranks' barrier once its output is renamed into place."""
+    try:
+        yield
+    finally:
+        if world > 1:
+            dist.barrier()
+
+
 def run_score(
     *,
     model_path: str,
@@ -262,21 +285,27 @@ def run_score(
         raise MinimaError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions")
     blocks = score_blocks(load_tokenizer(source), data, text_field, seq_len,
                           batches * batch_size, seed)
+    rank, world = init_distributed()
+    shard = blocks[rank::world]  # under torchrun each rank scores every world-th sequence
     n_batches = -(-len(blocks) // batch_size)
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     model = load_model(source, dtype=dtype).to(device)
     scorer = gradient_scores if method == "grad" else activation_scores
 
     start = time.perf_counter()
-    with step_progress(f"score ({method})", n_batches, enabled=progress, loss=float("nan")) as bar:
+    with step_progress(f"score ({method})", -(-len(shard) // batch_size),
+                       enabled=progress and rank == 0, loss=float("nan")) as bar:
         raw, mean_loss = scorer(
-            model, shape, blocks.split(batch_size),
-            on_batch=lambda tokens, loss: bar.update(tokens, loss=loss),
+            model, shape, shard.split(batch_size),
+            on_batch=lambda tokens, loss: bar.update(tokens * world, loss=loss),
         )
     seconds = time.perf_counter() - start
+    if rank != 0:  # rank 0 writes; the others wait until the output is in place
+        dist.barrier()
+        return read_manifest(output)
     fingerprint = model_fingerprint(source)
-    with atomic_output_dir(output, force=force) as tmp:
+    with finish_barrier(world), atomic_output_dir(output, force=force) as tmp:
         save_scores(tmp, raw, {"model_fingerprint": fingerprint, "method": method})
         return write_manifest(
             tmp,

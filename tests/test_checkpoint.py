@@ -57,9 +57,8 @@ def test_atomic_output_dir_success_failure_and_force(tmp_path):
         assert tmp.name.startswith("out.tmp-") and not out.exists()
         (tmp / "f").write_text("one")
     assert (out / "f").read_text() == "one"
-    with pytest.raises(MinimaError, match="exists"):
-        with atomic_output_dir(out):
-            pass
+    with pytest.raises(MinimaError, match="exists"), atomic_output_dir(out):
+        pass
     with pytest.raises(ValueError), atomic_output_dir(out, force=True) as tmp:
         (tmp / "f").write_text("half")
         raise ValueError("crash mid-write")

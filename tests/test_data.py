@@ -85,7 +85,8 @@ def test_directory_without_data_files(tmp_path: Path) -> None:
 
 def test_missing_text_field_names_field_and_fields_present(tmp_path: Path) -> None:
     path = write(tmp_path / "a.jsonl", '{"text": "ok"}\n{"body": "x", "id": 3}\n')
-    with pytest.raises(MinimaError, match=r"a\.jsonl:2: no field 'text' \(fields present: body, id\)"):
+    expected = r"a\.jsonl:2: no field 'text' \(fields present: body, id\)"
+    with pytest.raises(MinimaError, match=expected):
         read_documents(path)
     path = write(tmp_path / "b.json", json.dumps([{"body": "x"}]))
     with pytest.raises(MinimaError, match=r"no field 'text' \(fields present: body\)"):
@@ -170,7 +171,8 @@ def test_pack_documents_exact() -> None:
     blocks = pack_documents(docs, seq_len=4, eos_id=0)
     assert blocks.dtype == torch.int64
     assert blocks.tolist() == [[1, 2, 3, 0], [4, 0, 5, 6]]
-    assert pack_documents(docs, seq_len=11, eos_id=9).tolist() == [[1, 2, 3, 9, 4, 9, 5, 6, 7, 8, 9]]
+    whole = pack_documents(docs, seq_len=11, eos_id=9)
+    assert whole.tolist() == [[1, 2, 3, 9, 4, 9, 5, 6, 7, 8, 9]]
     assert pack_documents([[], [7]], seq_len=1, eos_id=0).tolist() == [[0], [7], [0]]
 
 

@@ -92,6 +92,27 @@ def test_symmetric_shaping_hits_the_budget_with_teacher_proportions():
     assert abs(count_parameters(by_ratio) / count_parameters(LLAMA2_7B) - 0.45) < 0.01
 
 
+LLAMA3_8B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
+                       vocab=128256, tied=False)
+
+
+@pytest.mark.parametrize("teacher", [SMOLLM2, LLAMA2_7B, LLAMA3_8B])
+def test_solved_llama_targets_are_valid_configs(teacher):
+    # transformers' LlamaConfig refuses hidden % heads != 0 (even with an explicit head_dim).
+    for ratio in (0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9):
+        target = resolve_target(teacher, ratio=ratio)
+        assert target.hidden % target.heads == 0 and target.heads % target.kv_heads == 0
+        # 9 heads and a multiple of 8 make SmolLM2's hidden step lcm(8, 9) = 72: coarse.
+        assert abs(count_parameters(target) / count_parameters(teacher) - ratio) < 0.06
+
+
+def test_explicit_llama_shape_must_divide_but_other_architectures_need_not():
+    with pytest.raises(MinimaError, match="LlamaConfig requires"):
+        resolve_target(SMOLLM2, {"hidden": 392, "heads": 6})
+    qwen2 = SMOLLM2.replace(model_type="qwen2")
+    assert resolve_target(qwen2, {"hidden": 392, "heads": 6}).hidden == 392
+
+
 def test_partial_shape_plus_budget_solves_the_free_axes():
     target = resolve_target(SMOLLM2, {"layers": 20}, params=60_000_000)
     assert target.layers == 20
@@ -183,7 +204,8 @@ def prune_and_compare(tmp_path, model, changes, *, priority="local", seed=0):
     out.mkdir()
     prune_checkpoint(source, model.config, plan, teacher, out, progress=False)
     student = AutoModelForCausalLM.from_pretrained(out).eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=generator)
     with torch.no_grad():
         with masked(model, plan_masks(plan, teacher), teacher):
             expected = model(ids).logits
