@@ -49,7 +49,12 @@ class StepProgress:
 
 @contextlib.contextmanager
 def step_progress(
-    description: str, total: int, *, enabled: bool = True, tokens: bool = True, **fields: object
+    description: str,
+    total: int | None,
+    *,
+    enabled: bool = True,
+    tokens: bool = True,
+    **fields: object,
 ) -> Iterator[StepProgress]:
     """A progress bar over `total` steps with tokens/s and the named `fields` (initial values;
     pass new ones to `update`), e.g. `step_progress("score", 16, loss=float("nan"))`."""
