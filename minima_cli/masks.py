@@ -1,4 +1,5 @@
-"""Mask variables on a LLaMA-family model, attached with hooks (no fork of the modelling code).
+"""Mask variables on a LLaMA-family model, attached with hooks (no fork of the modelling code;
+only the residual RMSNorms get their forward swapped for the kept-dims one below).
 
 - `heads[l, a]`   multiplies attention head a's context before `o_proj` (MiniMA's xi),
 - `kv_groups[l, g]` multiplies every query head of kv group g the same way (GQA units),
@@ -81,11 +82,13 @@ def masked(model: nn.Module, masks: Masks, shape: ModelShape) -> Iterator[None]:
     def scale_neurons(layer):
         return lambda module, args: (args[0] * masks.ffn[layer].to(args[0].dtype), *args[1:])
 
-    def kept_dims_rms_norm(module, args, output):
-        x = args[0]
-        x32 = x.float()
-        variance = x32.pow(2).sum(-1, keepdim=True) / masks.hidden.sum()
-        return module.weight * (x32 * torch.rsqrt(variance + module.variance_epsilon)).to(x.dtype)
+    def kept_dims_rms_norm(norm):
+        def forward(x):
+            x32 = x.float()
+            variance = x32.pow(2).sum(-1, keepdim=True) / masks.hidden.sum()
+            return norm.weight * (x32 * torch.rsqrt(variance + norm.variance_epsilon)).to(x.dtype)
+
+        return forward
 
     embed = model.model.embed_tokens
     handles.append(embed.register_forward_hook(scale_output(lambda: masks.hidden)))
@@ -96,10 +99,13 @@ def masked(model: nn.Module, masks: Masks, shape: ModelShape) -> Iterator[None]:
         handles.append(attention.o_proj.register_forward_hook(scale_output(residual_write)))
         handles.append(mlp.down_proj.register_forward_pre_hook(scale_neurons(index)))
         handles.append(mlp.down_proj.register_forward_hook(scale_output(residual_write)))
-    for norm in residual_norms(model):
-        handles.append(norm.register_forward_hook(kept_dims_rms_norm))
+    norms = residual_norms(model)
+    for norm in norms:  # replaced, not hooked: a hook would compute every norm twice
+        norm.forward = kept_dims_rms_norm(norm)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for norm in norms:
+            del norm.forward

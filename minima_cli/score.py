@@ -119,7 +119,7 @@ def activation_scores(
     }
 
     def per_token(x: torch.Tensor) -> torch.Tensor:  # sum over batch and positions, in fp64
-        return x.double().flatten(0, -2).sum(0)
+        return x.flatten(0, -2).sum(0, dtype=torch.float64)
 
     def on_heads(layer):
         def hook(module, args):
