@@ -107,6 +107,21 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
     return config
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own tqdm bars ("Loading weights", "Writing model shards") for a
+    moment: minima's stages show their own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     source: ModelSource, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> torch.nn.Module:
@@ -122,7 +137,8 @@ def load_model(
         kwargs["use_safetensors"] = True
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(source.directory, **kwargs)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(source.directory, **kwargs)
     if source.is_gguf:
         clear_quantized_flag(model)
     return model.eval()

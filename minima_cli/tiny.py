@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
+from minima_cli.checkpoint import quiet_transformers
 from minima_cli.data import pack_documents, tokenize_documents
 from minima_cli.errors import MinimaError
 from minima_cli.progress import step_progress
@@ -348,18 +348,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-@contextlib.contextmanager
-def _no_transformers_progress_bars() -> Iterator[None]:
-    """Silence transformers' tqdm bars (e.g. "Writing model shards") for a moment."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def build_tiny_world(
     output_dir: Path,
     *,
@@ -421,7 +409,7 @@ def build_tiny_world(
         pad_token_id=config.pad_token_id,
         max_new_tokens=32,
     )
-    with _no_transformers_progress_bars():
+    with quiet_transformers():
         model.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
 
