@@ -4,6 +4,8 @@ tiny world per test session (teacher + tokenizer + corpus) for the CLI tests."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,29 @@ def tiny_random_model(kind: str = "llama", *, gqa: bool = True, tied: bool = Tru
 def save_model(model, directory: Path) -> Path:
     model.save_pretrained(directory)
     return directory
+
+
+RELOAD_AND_GENERATE = (
+    "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
+    "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
+    "t = AutoTokenizer.from_pretrained(sys.argv[1]);"
+    "ids = t(sys.argv[2], return_tensors='pt').input_ids; n = int(sys.argv[3]);"
+    "out = m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False);"
+    "assert out.shape[1] == ids.shape[1] + n;"
+    "print(sum(p.numel() for p in m.parameters())); print(t.decode(out[0]))"
+)
+
+
+def reload_and_generate(model_dir: Path, prompt: str, new_tokens: int = 5) -> tuple[int, str]:
+    """Load `model_dir` in a fresh interpreter with nothing but transformers and generate
+    greedily: the contract users rely on. Returns (parameter count, decoded text)."""
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD_AND_GENERATE, str(model_dir), prompt, str(new_tokens)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    params, text = result.stdout.split("\n", 1)
+    return int(params), text
 
 
 @pytest.fixture(scope="session")

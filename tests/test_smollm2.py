@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import reload_and_generate
 
 from minima_cli.arch import shape_from_config
 from minima_cli.checkpoint import load_model, resolve_model
@@ -47,19 +46,9 @@ def test_smollm2_score_prune_reload_generate(tmp_path):
     assert "quantization_config" not in config and config["tie_word_embeddings"]
     assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
 
-    # Reload and generate in a fresh interpreter, with nothing but transformers.
-    script = (
-        "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer;"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]);"
-        "t = AutoTokenizer.from_pretrained(sys.argv[1]);"
-        "ids = t('The license grants', return_tensors='pt').input_ids;"
-        "out = m.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False);"
-        "print(sum(p.numel() for p in m.parameters())); print(t.decode(out[0]))"
-    )
-    result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout.splitlines()[0]) == manifest["metrics"]["student_parameters"]
+    params, text = reload_and_generate(out, "The license grants", new_tokens=8)
+    assert params == manifest["metrics"]["student_parameters"]
+    assert "The license grants" in text
 
     # Exactness on the real model: pruned logits == teacher logits under the plan's masks.
     from transformers import AutoModelForCausalLM
