@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from minima_cli.checkpoint import quiet_transformers
 from minima_cli.data import pack_documents, read_documents, tokenize_documents
 from minima_cli.tiny import evaluate_loss
 
@@ -21,7 +22,8 @@ PROMPT = "the colour of"
 
 
 def describe(path: Path, blocks_for) -> tuple[int, float, str]:
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     loss = evaluate_loss(model, blocks_for(tokenizer))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
