@@ -150,10 +150,8 @@ def clear_quantized_flag(model: torch.nn.Module) -> None:
     floats, so drop the flag."""
     model.hf_quantizer = None
     model.is_quantized = False
-    for attr in ("quantization_method",):
-        if hasattr(model, attr):
-            with contextlib.suppress(AttributeError):
-                delattr(model, attr)
+    with contextlib.suppress(AttributeError):
+        del model.quantization_method
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

@@ -116,3 +116,20 @@ def test_count_parameters_matches_the_built_model(kind, tied):
     model = tiny_random_model(kind, tied=tied)
     shape = shape_from_config(model.config)
     assert count_parameters(shape) == sum(p.numel() for p in model.parameters())
+
+
+def test_a_gguf_model_is_no_longer_flagged_quantized():
+    # The flag that makes the HF Trainer refuse a dequantized GGUF model, set as transformers does.
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from minima_cli.checkpoint import clear_quantized_flag
+
+    model = tiny_random_model()
+    model.is_quantized, model.hf_quantizer = True, object()
+    model.config.quantization_config = {"quant_method": "gguf"}
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)  # what the HF Trainer checks
+    clear_quantized_flag(model)
+    validate_quantization_for_training(model)
+    assert not model.is_quantized and model.hf_quantizer is None
+    assert "quantization_config" not in model.config.to_dict()
