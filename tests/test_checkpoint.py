@@ -125,7 +125,10 @@ def test_a_gguf_model_is_no_longer_flagged_quantized():
     from minima_cli.checkpoint import clear_quantized_flag
 
     model = tiny_random_model()
-    model.is_quantized, model.hf_quantizer = True, object()
+    from types import SimpleNamespace
+
+    model.is_quantized = True
+    model.hf_quantizer = SimpleNamespace(is_trainable=False, is_qat_trainable=False)
     model.config.quantization_config = {"quant_method": "gguf"}
     with pytest.raises(ValueError, match="purely quantized"):
         validate_quantization_for_training(model)  # what the HF Trainer checks
