@@ -44,6 +44,7 @@ demo: venv
 bench: venv
 	$(PY) bench/score.py
 	$(PY) bench/prune.py
+	$(PY) bench/score_quality.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache
