@@ -68,6 +68,13 @@ def test_dry_run_prints_the_plan_and_writes_nothing(scored, tiny_world, tmp_path
     code, stdout, _ = run(["prune", "-m", tiny_world / "teacher", "--ratio", "0.3",
                            "--dry-run"], capsys)  # no scores needed to see the shape
     assert code == 0 and "parameters" in stdout
+    for selection in ("auto", "middle", "score", "units"):
+        code, stdout, _ = run(["prune", "-m", tiny_world / "teacher", "-s", scored, "--shape",
+                               "layers=2", "--priority", "global", "--layer-selection",
+                               selection, "--dry-run"], capsys)
+        assert code == 0 and "layers kept" in stdout
+        if selection == "middle":
+            assert "layers kept: [1, 2]" in stdout
 
 
 def test_force_replaces_an_existing_output(scored, tiny_world, tmp_path, capsys):
