@@ -51,7 +51,7 @@ def evaluate(world: Path, args: argparse.Namespace) -> None:
     model = load_model(source)
     shape = shape_from_config(model.config)
     tokenizer = load_tokenizer(source)
-    blocks = score_blocks(tokenizer, str(world / "data" / "train.txt"), "text", 64,
+    blocks = score_blocks(tokenizer, read_documents(world / "data" / "train.txt"), 64,
                           args.batches * 4, seed=0)
     valid = pack_documents(tokenize_documents(tokenizer, read_documents(world / "data" /
                                                                         "valid.txt")),

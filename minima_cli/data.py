@@ -30,6 +30,9 @@ import torch
 from minima_cli.checkpoint import file_sha256, fsync_dir
 from minima_cli.errors import MinimaError
 
+TEXT_SUFFIXES = (".txt", ".md")  # plain text: one document per non-empty line
+# What a directory scan reads; a .md file is read only when named (a README beside data is not
+# data).
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 # `owner/name` or `name`: what a hub dataset id looks like. Anything else (absolute, relative with
@@ -97,7 +100,7 @@ def pack_documents(token_ids: list[list[int]], seq_len: int, eos_id: int) -> tor
 
 
 def _looks_like_hub_name(source: str) -> bool:
-    return bool(_HUB_NAME.match(source)) and not source.endswith(SUPPORTED_SUFFIXES)
+    return bool(_HUB_NAME.match(source)) and not source.endswith((*SUPPORTED_SUFFIXES, ".md"))
 
 
 def _data_files(directory: Path) -> list[Path]:
@@ -115,7 +118,7 @@ def _data_files(directory: Path) -> list[Path]:
 
 
 def _read_file(path: Path, text_field: str) -> Iterable[str]:
-    if path.suffix == ".txt":
+    if path.suffix in TEXT_SUFFIXES:
         return _read_txt(path)
     if path.suffix == ".jsonl":
         return _texts(_read_jsonl(path), path, text_field)
@@ -123,7 +126,7 @@ def _read_file(path: Path, text_field: str) -> Iterable[str]:
         return _read_json(path, text_field)
     if path.suffix == ".parquet":
         return _read_parquet(path, text_field)
-    kinds = ", ".join(SUPPORTED_SUFFIXES)
+    kinds = ", ".join((*SUPPORTED_SUFFIXES, ".md"))
     raise MinimaError(f"unsupported data file {path} (expected one of {kinds}, or a directory)")
 
 

@@ -560,19 +560,20 @@ def run_prune(
     if not dry_run:
         if output is None:
             raise MinimaError("--output is required (or pass --dry-run)")
+        if scores_path is None:
+            raise MinimaError("--scores is required (run `minima score` first)")
         check_output(output, force)
     source = resolve_model(model_path)
+    scored = load_scores(scores_path) if scores_path is not None else None  # before slow loads
     config = load_config(source)
     teacher = shape_from_config(config)
     target = resolve_target(teacher, parse_shape(shape) if shape else None,
                             parse_size(params) if params is not None else None, ratio, multiple_of)
     result: dict[str, Any] = {"teacher_shape": teacher.as_dict(), "student_shape": target.as_dict(),
                               "table": parameter_table(teacher, target)}
-    if scores_path is None:
-        if not dry_run:
-            raise MinimaError("--scores is required (run `minima score` first)")
-        return result
-    scores, score_manifest = load_scores(scores_path)
+    if scored is None:
+        return result  # a dry run without scores: the shape alone
+    scores, score_manifest = scored
     check_scores_match(scores, score_manifest, source, teacher)
     plan = plan_prune(scores, teacher, target, priority, layer_selection)
     result["plan"] = plan.as_dict()

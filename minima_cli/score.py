@@ -36,6 +36,7 @@ from minima_cli.checkpoint import (
     resolve_model,
     write_manifest,
 )
+from minima_cli.data import pack_documents, read_documents, tokenize_documents
 from minima_cli.errors import MinimaError
 from minima_cli.masks import AXES, Masks, masked
 from minima_cli.progress import step_progress
@@ -217,14 +218,11 @@ def data_hash(source: str) -> str:
 
 
 def score_blocks(
-    tokenizer: Any, data: str, text_field: str, seq_len: int, n_blocks: int, seed: int
+    tokenizer: Any, documents: list[str], seq_len: int, n_blocks: int, seed: int
 ) -> torch.Tensor:
     """Tokenise the documents, pack them into seq_len blocks and take a seeded sample."""
-    from minima_cli.data import pack_documents, read_documents, tokenize_documents
-
     if tokenizer.eos_token_id is None:
         raise MinimaError("the tokenizer has no EOS token to separate documents")
-    documents = read_documents(data, text_field)
     blocks = pack_documents(tokenize_documents(tokenizer, documents), seq_len,
                             tokenizer.eos_token_id)
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
@@ -278,13 +276,13 @@ def run_score(
             raise MinimaError(f"--{name} must be positive, got {value}")
     check_output(output, force)
     source = resolve_model(model_path)
+    documents = read_documents(data, text_field)  # cheap checks before the slow loads
     config = load_config(source)
     shape = shape_from_config(config)
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
         raise MinimaError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions")
-    blocks = score_blocks(load_tokenizer(source), data, text_field, seq_len,
-                          batches * batch_size, seed)
+    blocks = score_blocks(load_tokenizer(source), documents, seq_len, batches * batch_size, seed)
     rank, world = init_distributed()
     shard = blocks[rank::world]  # under torchrun each rank scores every world-th sequence
     n_batches = -(-len(blocks) // batch_size)

@@ -71,6 +71,11 @@ def test_missing_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
         read_documents(tmp_path / name)
 
 
+def test_a_named_markdown_file_is_plain_text(tmp_path: Path) -> None:
+    assert read_documents(write(tmp_path / "README.md", "# minima\n\nscores and prunes\n")) == [
+        "# minima", "scores and prunes"]
+
+
 def test_unsupported_extension(tmp_path: Path) -> None:
     path = write(tmp_path / "a.csv", "text\nhello\n")
     with pytest.raises(MinimaError, match=r"unsupported data file .*a\.csv"):
