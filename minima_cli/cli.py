@@ -31,7 +31,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+out = Console(soft_wrap=True)  # long messages stay one line, for logs and grep
 
 
 class Method(str, Enum):
@@ -201,6 +201,150 @@ def prune(
     out.print(table)
     if "plan" in result:
         out.print(f"layers kept: {result['plan']['layers']}")
+
+
+def read_points(path: Path, what: str) -> list[list[float]]:
+    """A JSON list of numeric rows, e.g. [[3e9, 7.5e9], ...]; one clear line if it is not."""
+    import json
+
+    try:
+        rows = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MinimaError(f"{what}: file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise MinimaError(f"{what}: {path} is not JSON ({error})") from None
+    if not isinstance(rows, list) or not all(
+            isinstance(r, list) and all(isinstance(v, int | float) for v in r) for r in rows):
+        raise MinimaError(f"{what}: {path} must hold a JSON list of numeric rows")
+    return rows
+
+
+def print_json(result: object) -> None:
+    import json
+
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def plan(
+    student: str = typer.Option(None, help="Student size (3B, 135M, 1.5e9): recommend its "
+                                "teacher."),
+    teacher: str = typer.Option(None, help="Teacher size: propose the student size it is "
+                                "optimal for, as a `minima prune` target."),
+    teachers: str = typer.Option(None, help="Available teachers, comma-separated (1.1B,7B,13B):"
+                                 " pick one for --student and say why."),
+    law: str = typer.Option(None, help="Capacity-gap law 'slope=2.498,intercept=-11.498e6' "
+                            "(sizes in parameters; default: MiniMA's fit, R^2 0.996)."),
+    law_points: Path = typer.Option(None, "--law-points", help="Fit the law instead from a "
+                                    "JSON list of [student, best teacher] pairs (a sweep)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The capacity-gap law (MiniMA): the best teacher is about 2.5x the student, not the
+    biggest one. Recommends a teacher for a student, or a student for a teacher."""
+    from minima_cli import laws
+    from minima_cli.arch import format_count
+
+    if teachers and student is None:
+        raise MinimaError("--teachers needs --student")
+    if student is None and teacher is None:
+        raise MinimaError("give --student and/or --teacher")
+    if law and law_points:
+        raise MinimaError("give --law or --law-points, not both")
+    gap = laws.PAPER_LAW
+    if law:
+        gap = laws.CapacityGapLaw(**laws.parse_law_params(law, ("slope", "intercept")))
+    elif law_points:
+        gap = laws.fit_capacity_gap(read_points(law_points, "--law-points"))
+    result = {}
+    if student is not None:
+        available = [laws.parse_params(t, "--teachers") for t in teachers.split(",")] \
+            if teachers else None
+        result["for_student"] = laws.plan_teacher(laws.parse_params(student, "--student"),
+                                                  available, gap)
+    if teacher is not None:
+        result["for_teacher"] = laws.plan_student(laws.parse_params(teacher, "--teacher"), gap)
+    if as_json:
+        print_json(result)
+        return
+    if "for_student" in result:
+        found = result["for_student"]
+        out.print(f"student {format_count(found['student'])}: optimal teacher "
+                  f"{format_count(found['optimal_teacher'])} ({found['ratio']:.2f}x the student)")
+        if "teachers" in found:
+            table = Table(title="available teachers")
+            for column in ("teacher", "x student", "x optimum", "verdict"):
+                table.add_column(column, justify="left" if column == "verdict" else "right")
+            for row in found["teachers"]:
+                table.add_row(format_count(row["teacher"]), f"{row['ratio']:.2f}",
+                              f"{row['vs_optimum']:.2f}", row["verdict"])
+            out.print(table)
+            out.print(f"use the {format_count(found['teacher'])} teacher")
+    if "for_teacher" in result:
+        found = result["for_teacher"]
+        out.print(f"teacher {format_count(found['teacher'])}: optimal student "
+                  f"{found['prune_params']} (keeps {100 * found['keep']:.0f}% of the teacher): "
+                  f"minima prune --params {found['prune_params']}")
+
+
+@app.command()
+def density(
+    teacher: str = typer.Option(..., help="Teacher as SIZE:SCORE, e.g. 7B:0.46 (score in the "
+                                "performance law's units)."),
+    student: str = typer.Option(..., help="Student as SIZE:SCORE, e.g. 3B:0.28."),
+    loss_law: str = typer.Option(None, "--loss-law", help="L(N, D) = a N^-alpha + b D^-beta "
+                                 "as 'a=..,alpha=..,b=..,beta=..'."),
+    loss_points: Path = typer.Option(None, "--loss-points", help="Fit L(N, D) instead from a "
+                                     "JSON list of [params, tokens, loss] rows."),
+    perf_law: str = typer.Option(None, "--perf-law", help="S(L) = c / (1 + exp(-gamma (L - l)))"
+                                 " + d as 'c=..,gamma=..,l=..,d=..'."),
+    perf_points: Path = typer.Option(None, "--perf-points", help="Fit S(L) instead from a JSON "
+                                     "list of [loss, score] rows."),
+    d0: str = typer.Option("1T", "--d0", help="Training tokens D0 at which effective sizes are "
+                           "compared (the paper: 1T)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The densing law: effective parameter size N_hat (the size a reference model needs for the
+    same score) and capacity density N_hat / N of teacher and student; warns when compression
+    lost density."""
+    from minima_cli import laws
+    from minima_cli.arch import format_count
+
+    def model(text: str, what: str) -> tuple[float, float]:
+        size, sep, score = text.partition(":")
+        try:
+            return laws.parse_params(size, what), float(score)
+        except ValueError:
+            raise MinimaError(f"{what} {text!r} is not SIZE:SCORE (e.g. 7B:0.46)") from None
+
+    def law_from(params: str | None, points: Path | None, names, fit, make, what: str):
+        if (params is None) == (points is None):
+            raise MinimaError(f"give exactly one of --{what}-law and --{what}-points")
+        if params is not None:
+            return make(**laws.parse_law_params(params, names))
+        return fit(read_points(points, f"--{what}-points"))
+
+    report = laws.density_report(
+        model(teacher, "--teacher"), model(student, "--student"),
+        law_from(loss_law, loss_points, laws.LOSS_NAMES, laws.fit_loss_law, laws.LossLaw, "loss"),
+        law_from(perf_law, perf_points, laws.PERFORMANCE_NAMES, laws.fit_performance_law,
+                 laws.PerformanceLaw, "perf"),
+        laws.parse_params(d0, "--d0"),
+    )
+    if as_json:
+        print_json(report)
+    else:
+        table = Table(title=f"capacity density at D0 = {format_count(report['d0'])} tokens")
+        for column in ("model", "N", "score", "L_hat", "N_hat", "density"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for name in ("teacher", "student"):
+            row = report[name]
+            table.add_row(name, format_count(row["params"]), f"{row['score']:.4g}",
+                          f"{row['loss_hat']:.4g}", format_count(row["effective_params"]),
+                          f"{row['density']:.3g}")
+        out.print(table)
+        out.print(f"student / teacher density: {report['density_ratio']:.2f}x")
+    if report["warning"]:
+        Console(stderr=True).print(f"[yellow]warning: {report['warning']}[/yellow]")
 
 
 def main(argv: list[str] | None = None) -> int:
