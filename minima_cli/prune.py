@@ -510,6 +510,10 @@ def prune_checkpoint(
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     copy_tokenizer_files(source, out)
+    if not (out / "generation_config.json").exists():  # a GGUF carries none as a file
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(student).save_pretrained(out)
     return {"bytes_written": total_bytes, "largest_tensor_bytes": largest}
 
 

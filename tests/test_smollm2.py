@@ -44,6 +44,7 @@ def test_smollm2_score_prune_reload_generate(tmp_path):
     assert 0.45 < manifest["metrics"]["kept_fraction"] < 0.55
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"]
+    assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
     assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
 
     params, text = reload_and_generate(out, "The license grants", new_tokens=8)

@@ -1,0 +1,660 @@
+"""Distillation losses: forward / reverse KL, generalized JSD, top-k teachers, the LM
+cross-entropy mix and a hidden-state MSE. Pure torch, no I/O.
+
+Per token, over the vocabulary, teacher p = softmax(t / T) and student q = softmax(s / T):
+
+    fkl  T^2 * sum p (log p - log q)                  MiniMA's loss (its softCE has this gradient)
+    rkl  T^2 * sum q (log q - log p)
+    jsd  T^2 * (beta KL(p || m) + (1 - beta) KL(q || m)),  m = beta p + (1 - beta) q
+
+JSD follows TRL's `GKDTrainer.generalized_jsd_loss` (GKD, Agarwal et al. 2024, eq. 1): the
+mixture is `logsumexp([log q + log(1 - beta), log p + log(beta)])`, beta weights KL(teacher || m),
+and beta = 0 / beta = 1 are special-cased to forward / reverse KL exactly as TRL does (the formula
+itself would give 0 there). One difference: TRL applies no T^2 to JSD; here every kind gets T^2 so
+gradient scales match across temperatures (identical at T = 1).
+
+Top-k teacher (what an offline cache stores: log_softmax(teacher logits) at T = 1, its top k
+values and token ids), forward KL over:
+    renorm  the k tokens only, both sides renormalised over them (as TRL's GOLD top_k does); any T.
+    tail    the k tokens plus one bucket holding the rest of the mass on both sides (teacher
+            1 - sum p_k, student logsumexp of its non-top-k logits); T = 1 only, since the
+            tempered tail mass of the teacher cannot be recovered from its top k.
+
+Conventions shared by every function:
+- logits are `[..., vocab]` and aligned with labels/mask `[...]`: labels[i] is the target of
+  logits[i] (shift the labels, not the logits, so that no `[tokens, vocab]` copy is made);
+- a token counts iff its label is not -100 and its mask entry is True; losses are means over the
+  counted tokens; none counted gives 0 (and zero gradients), never NaN;
+- `vocab_size` is the tokenizer's real vocabulary: teacher and student may have different padded
+  sizes (Qwen2.5-14B vs 3B style); only the first `vocab_size` rows/columns take part, the padding
+  gets zero gradient. Left as None, both sides must have the same size;
+- the teacher is a constant: no gradient reaches it;
+- computation happens in float32 (float64 inputs stay float64); gradients come back in the dtype
+  of the student's tensors.
+
+Memory: the vocabulary losses run in chunks of tokens inside a `torch.autograd.Function` whose
+forward computes the loss *and* its gradient chunk by chunk (upcasting one chunk at a time) and
+keeps only the gradient, in the student's dtype; backward scales it by grad_output. No float32
+`[tokens, vocab]` tensor is ever alive besides that one gradient. The fused-linear variants take
+the student's final hidden states and lm_head weight instead of logits and never build the full
+student logits at all (Liger's "fused linear" idea): per chunk logits = h @ W^T, then grad_hidden
+rows and grad_weight (summed in float32) are accumulated. `chunk_tokens=None` picks
+`CHUNK_ELEMENTS[device] / vocab` tokens per chunk: 8 MiB float32 temporaries on CPU (at 32k vocab
+a few larger ones would already weigh as much as the gradient; time is flat down to ~16 tokens),
+64 MiB on accelerators, where fewer, larger kernels matter more. The fused variants take at
+least 128 tokens per chunk, since each chunk rereads the whole lm_head gradient.
+The saved gradient is handed to autograd without a copy, so each graph can be backpropagated
+once (no retain_graph).
+
+API:
+    kd_loss(student_logits, teacher_logits, *, kind="fkl"|"rkl"|"jsd", temperature=1.0,
+            beta=0.5, mask=None, vocab_size=None, chunk_tokens=None) -> scalar
+    topk_kd_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, *,
+                 mode="renorm"|"tail", temperature=1.0, mask=None, vocab_size=None,
+                 chunk_tokens=None) -> scalar
+    distillation_loss(student_logits, teacher, labels, *, alpha=0.5, kind="fkl", ...)
+        -> (alpha * CE + (1 - alpha) * KD, {"ce": ..., "kd": ...} detached, for logging);
+        teacher is full logits or `TopK(logprobs, indices)` (then `kind="topk"`, `topk_mode`)
+    fused_linear_kd_loss(student_hidden, student_head_weight, teacher, *, kind, ...) -> scalar
+    fused_linear_distillation_loss(student_hidden, student_head_weight, teacher, labels, *,
+                                   alpha=0.5, ...) -> (total, parts);
+        teacher is logits, `TopK`, or `TeacherHead(hidden, weight)` (its logits built per chunk)
+    hidden_state_mse(student_hidden, teacher_hidden, kept_hidden_dims=None, mask=None) -> scalar
+    naive_kd_loss, naive_topk_kd_loss, naive_distillation_loss: unchunked plain-autograd
+        references (the tests hold the chunked ones to them; the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KINDS = ("fkl", "rkl", "jsd", "topk")
+TOPK_MODES = ("renorm", "tail")
+IGNORE_INDEX = -100
+# tokens x vocab per chunk when chunk_tokens is None, by device type (others: "default")
+CHUNK_ELEMENTS = {"cpu": 1 << 21, "default": 1 << 24}
+
+
+class TopK(NamedTuple):
+    """A teacher known only by its top k per token, as an offline cache stores it."""
+
+    logprobs: Tensor  # [..., k] log_softmax(teacher logits) at T = 1, any float dtype
+    indices: Tensor  # [..., k] token ids (distinct per token, < vocab_size)
+
+
+class TeacherHead(NamedTuple):
+    """A teacher given by its final hidden states and lm_head weight (fused variants)."""
+
+    hidden: Tensor  # [..., teacher_hidden]
+    weight: Tensor  # [teacher_vocab, teacher_hidden]
+
+
+Teacher = Tensor | TopK | TeacherHead
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str
+    mode: str
+    temperature: float
+    beta: float
+    alpha: float  # weight of the CE term; 0 for a pure KD loss
+    vocab_size: int
+
+
+# ---------------------------------------------------------------- per-chunk math (no autograd)
+# Each divergence takes the chunk's log-probs at temperature T and returns the per-token value
+# and its gradient w.r.t. the scaled student logits z = s / T (so d loss / ds = T * that).
+# They consume their inputs in place: every live [chunk, vocab] temporary counts towards the
+# loss's peak memory, and at 32k vocab a few of them weigh as much as the whole gradient.
+
+
+def _log_softmax_(x: Tensor) -> Tensor:
+    return x.sub_(x.logsumexp(-1, keepdim=True))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b, -1) as a batched matmul, without an `a * b` temporary."""
+    return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
+
+
+def _fkl(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    p = log_p.exp()
+    per = _rowdot(p, log_p.sub_(log_q))
+    return per, log_q.exp_().sub_(p)  # d/dz = q - p
+
+
+def _rkl(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    q = log_q.exp()
+    d = log_q.sub_(log_p)  # log q - log p
+    per = _rowdot(q, d)
+    return per, d.sub_(per[:, None]).mul_(q)  # d/dz = q (d - E_q[d])
+
+
+def _jsd(log_p: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    if beta == 0:
+        return _fkl(log_p, log_q)
+    if beta == 1:
+        return _rkl(log_p, log_q)
+    log_m = log_p + math.log(beta)
+    torch.logaddexp(log_m, log_q + math.log1p(-beta), out=log_m)  # TRL's mixture, stably
+    per = beta * _rowdot(log_p.exp(), log_p.sub_(log_m))
+    del log_p
+    q = log_q.exp()
+    g = log_q.sub_(log_m).mul_(1 - beta)  # d JSD / d q, up to a constant that softmax removes
+    mean_g = _rowdot(q, g)
+    per += mean_g
+    return per, g.sub_(mean_g[:, None]).mul_(q)
+
+
+def _topk(z: Tensor, teacher: TopK, mode: str, temperature: float) -> tuple[Tensor, Tensor]:
+    idx = teacher.indices
+    if mode == "renorm":
+        log_p = _log_softmax_(teacher.logprobs.div_(temperature))
+        per, g = _fkl(log_p, _log_softmax_(z.gather(1, idx)))
+        return per, z.zero_().scatter_(1, idx, g)
+    # tail: (k + 1)-way distributions, the last bucket holding everything outside the top k
+    log_q = _log_softmax_(z)
+    lp = teacher.logprobs
+    p = lp.exp()
+    log_q_k = log_q.gather(1, idx)
+    per = _rowdot(p, lp - log_q_k)
+    grad_k = log_q_k.exp_().sub_(p)
+    if idx.shape[1] == z.shape[1]:  # k = vocab: no tail bucket at all
+        return per, log_q.exp_().scatter_(1, idx, grad_k)
+    p_tail = (1 - p.sum(-1)).clamp_(min=0)  # clamp: a bf16 cache can sum past 1
+    q = log_q.scatter_(1, idx, -math.inf).exp_()  # q outside the top k, 0 inside
+    log_ratio = p_tail.log() - q.sum(-1).log()  # log(p_tail / q_tail)
+    has = p_tail > 0
+    per += torch.where(has, p_tail * log_ratio, 0)
+    # outside the top k, d/dz = q - p_tail * q / q_tail: the tail mass spread like q
+    q.mul_(torch.where(has, 1 - log_ratio.exp(), 1)[:, None])
+    return per, q.scatter_(1, idx, grad_k)
+
+
+def _chunk_loss_grad(
+    s: Tensor, teacher: Tensor | TopK, labels: Tensor | None, spec: _Spec
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed KD and CE over one chunk, and d(alpha CE + (1 - alpha) KD)/ds per token.
+
+    s and teacher are private copies in the compute dtype: both are consumed in place."""
+    ce = s.new_zeros(())
+    grad_ce = None
+    if labels is not None:  # CE at T = 1, before s is rescaled
+        lse = s.logsumexp(-1)
+        ce = (lse - s.gather(1, labels[:, None]).squeeze(1)).sum()
+        if spec.alpha > 0:
+            minus_one = s.new_full((len(s), 1), -1)
+            grad_ce = (s - lse[:, None]).exp_().scatter_add_(1, labels[:, None], minus_one)
+    T = spec.temperature
+    z = s.div_(T) if T != 1 else s
+    if spec.kind == "topk":
+        per, grad = _topk(z, teacher, spec.mode, T)
+    else:
+        log_t = _log_softmax_(teacher.div_(T) if T != 1 else teacher)
+        log_q = _log_softmax_(z)
+        if spec.kind == "fkl":
+            per, grad = _fkl(log_t, log_q)
+        elif spec.kind == "rkl":
+            per, grad = _rkl(log_t, log_q)
+        else:
+            per, grad = _jsd(log_t, log_q, spec.beta)
+    kd = per.sum() * (T * T)
+    grad.mul_((1 - spec.alpha) * T)
+    if grad_ce is not None:
+        grad.add_(grad_ce, alpha=spec.alpha)
+    return kd, ce, grad
+
+
+# ---------------------------------------------------------------- chunk drivers
+
+
+def _chunks(rows: Tensor, size: int) -> Iterator[Tensor]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _teacher_rows(teacher: Teacher, rows: Tensor, V: int, dtype: torch.dtype) -> Tensor | TopK:
+    """The teacher's chunk: logits `[n, V]` in the compute dtype (a fresh copy), or a TopK."""
+    if isinstance(teacher, TopK):
+        logprobs = teacher.logprobs.index_select(0, rows).to(dtype)
+        return TopK(logprobs, teacher.indices.index_select(0, rows))
+    if isinstance(teacher, TeacherHead):
+        with torch.no_grad():
+            return (teacher.hidden.index_select(0, rows) @ teacher.weight[:V].T).to(dtype)
+    return teacher[:, :V].index_select(0, rows).to(dtype)
+
+
+def _finish(kd: Tensor, ce: Tensor, n: int, spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
+    scale = 1 / max(n, 1)
+    kd, ce = kd * scale, ce * scale
+    return spec.alpha * ce + (1 - spec.alpha) * kd, kd, ce
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """Loss over student logits `[N, Vs]`; forward keeps only d loss / d logits."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, rows, spec: _Spec, chunk: int):
+        V, cdtype = spec.vocab_size, torch.promote_types(student.dtype, torch.float32)
+        need_grad = ctx.needs_input_grad[0]
+        if need_grad:  # zeros only where some entries are never written (masked rows, padding)
+            full = len(rows) == student.shape[0] and student.shape[1] == V
+            grad = torch.empty_like(student) if full else torch.zeros_like(student)
+        kd = ce = torch.zeros((), dtype=cdtype, device=student.device)
+        for r in _chunks(rows, chunk):
+            s = student.detach()[:, :V].index_select(0, r).to(cdtype)
+            y = labels.index_select(0, r) if labels is not None else None
+            kd_c, ce_c, g = _chunk_loss_grad(s, _teacher_rows(teacher, r, V, cdtype), y, spec)
+            kd, ce = kd + kd_c, ce + ce_c
+            if need_grad:
+                grad[:, :V].index_copy_(0, r, g.mul_(1 / len(rows)).to(student.dtype))
+        ctx.grad = grad if need_grad else None
+        total, kd, ce = _finish(kd, ce, len(rows), spec)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        grad, ctx.grad = ctx.grad, None  # hand the buffer over: autograd then takes it uncopied
+        if grad is None:
+            raise RuntimeError("chunked KD loss: backward ran twice (retain_graph is unsupported)")
+        return grad.mul_(grad_total.to(grad.dtype)), None, None, None, None, None
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Loss over logits = hidden @ weight^T, built one chunk of tokens at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher, labels, rows, spec: _Spec, chunk: int):
+        V, cdtype = spec.vocab_size, torch.promote_types(hidden.dtype, torch.float32)
+        w = weight.detach()[:V]
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        # fp32 sum over chunks: a bf16 running sum would drop the small late chunks
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
+        kd = ce = torch.zeros((), dtype=cdtype, device=hidden.device)
+        for r in _chunks(rows, chunk):
+            h = hidden.detach().index_select(0, r)
+            y = labels.index_select(0, r) if labels is not None else None
+            s = (h @ w.T).to(cdtype)
+            kd_c, ce_c, g = _chunk_loss_grad(s, _teacher_rows(teacher, r, V, cdtype), y, spec)
+            kd, ce = kd + kd_c, ce + ce_c
+            g.mul_(1 / len(rows))
+            if grad_h is not None:
+                grad_h.index_copy_(0, r, g.to(w.dtype) @ w)
+            if grad_w is not None:
+                grad_w[:V].addmm_(g.T, h.to(cdtype))
+        ctx.grads = grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+        total, kd, ce = _finish(kd, ce, len(rows), spec)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        (grad_h, grad_w), ctx.grads = ctx.grads, (None, None)
+        if grad_h is None and grad_w is None:
+            raise RuntimeError("fused KD loss: backward ran twice (retain_graph is unsupported)")
+        scale = grad_total
+        grad_h = None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype))
+        grad_w = None if grad_w is None else grad_w.mul_(scale.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None, None
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def _vocab(student_vocab: int, teacher_vocab: int | None, vocab_size: int | None) -> int:
+    if vocab_size is None:
+        if teacher_vocab not in (None, student_vocab):
+            raise ValueError(
+                f"teacher and student vocab sizes differ ({teacher_vocab} vs {student_vocab}): "
+                "pass vocab_size = the tokenizer's real vocabulary size"
+            )
+        return student_vocab
+    limit = min(student_vocab, teacher_vocab or student_vocab)
+    if not 1 <= vocab_size <= limit:
+        raise ValueError(f"vocab_size {vocab_size} outside 1..{limit} (the logits' sizes)")
+    return vocab_size
+
+
+def _spec(kind: str, mode: str, temperature: float, beta: float, alpha: float, V: int) -> _Spec:
+    if kind not in KINDS:
+        raise ValueError(f"unknown KD loss kind {kind!r}; expected one of {KINDS}")
+    if mode not in TOPK_MODES:
+        raise ValueError(f"unknown top-k mode {mode!r}; expected one of {TOPK_MODES}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if kind == "topk" and mode == "tail" and temperature != 1:
+        raise ValueError("top-k tail mode needs temperature 1: the tempered tail is unknown")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return _Spec(kind, mode, float(temperature), float(beta), float(alpha), V)
+
+
+def _valid(lead: torch.Size, labels: Tensor | None, mask: Tensor | None, device) -> Tensor:
+    """Boolean `[tokens]`: the tokens that count."""
+    valid = torch.ones(lead.numel(), dtype=torch.bool, device=device)
+    for name, t in (("labels", labels), ("mask", mask)):
+        if t is not None and t.shape != lead:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != logits' leading {tuple(lead)}")
+    if labels is not None:
+        valid &= labels.reshape(-1) != IGNORE_INDEX
+    if mask is not None:
+        valid &= mask.reshape(-1).to(torch.bool)
+    return valid
+
+
+def _flat_teacher(teacher: Teacher, lead: torch.Size, fused: bool) -> tuple[Teacher, int | None]:
+    """Teacher flattened to `[tokens, ...]` and detached, with its vocab size (None for TopK)."""
+    if isinstance(teacher, TopK):
+        if teacher.logprobs.shape != teacher.indices.shape or teacher.logprobs.shape[:-1] != lead:
+            raise ValueError("top-k logprobs and indices must both be [..., k] over the tokens")
+        k = teacher.logprobs.shape[-1]
+        flat = TopK(teacher.logprobs.detach().reshape(-1, k), teacher.indices.reshape(-1, k).long())
+        return flat, None
+    if isinstance(teacher, TeacherHead):
+        if not fused:
+            raise ValueError("TeacherHead is for the fused-linear losses; pass teacher logits")
+        if teacher.hidden.shape[:-1] != lead:
+            raise ValueError("teacher hidden states must cover the same tokens as the student")
+        hidden = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1])
+        return TeacherHead(hidden, teacher.weight.detach()), teacher.weight.shape[0]
+    if teacher.shape[:-1] != lead:
+        raise ValueError(f"teacher logits {tuple(teacher.shape)} vs student tokens {tuple(lead)}")
+    return teacher.detach().reshape(-1, teacher.shape[-1]), teacher.shape[-1]
+
+
+def _check_topk(teacher, V: int, kind: str) -> None:
+    if isinstance(teacher, TopK) != (kind == "topk"):
+        raise ValueError("kind='topk' goes with a TopK teacher, and only with one")
+    if isinstance(teacher, TopK) and teacher.indices.numel():
+        lo, hi = teacher.indices.min().item(), teacher.indices.max().item()
+        if lo < 0 or hi >= V:
+            raise ValueError(f"top-k indices must be in [0, {V}), got [{lo}, {hi}]")
+
+
+def _chunk_size(chunk_tokens: int | None, V: int, device: torch.device, least: int = 1) -> int:
+    if chunk_tokens is None:
+        elements = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["default"])
+        return max(least, elements // V)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return chunk_tokens
+
+
+# ---------------------------------------------------------------- public chunked losses
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher: Tensor | TopK,
+    labels: Tensor | None,
+    *,
+    alpha: float = 0.5,
+    kind: str = "fkl",
+    topk_mode: str = "renorm",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`alpha * CE(student, labels) + (1 - alpha) * KD(student, teacher)`, chunked.
+
+    Returns the differentiable total and {"ce", "kd"} detached for logging (labels None: pure KD,
+    alpha must be 0 and "ce" is 0). MiniMA: alpha 0.5, kind "fkl", T = 1."""
+    lead, Vs = student_logits.shape[:-1], student_logits.shape[-1]
+    flat_teacher, Vt = _flat_teacher(teacher, lead, fused=False)
+    V = _vocab(Vs, Vt, vocab_size)
+    spec = _spec(kind, topk_mode, temperature, beta, alpha, V)
+    if labels is None and alpha != 0:
+        raise ValueError("alpha > 0 mixes in the LM cross-entropy, which needs labels")
+    _check_topk(flat_teacher, V, kind)
+    valid = _valid(lead, labels, mask, student_logits.device)
+    flat_labels = _check_labels(labels, valid, V)
+    total, kd, ce = _ChunkedKD.apply(
+        student_logits.reshape(-1, Vs), flat_teacher, flat_labels, valid.nonzero().squeeze(1),
+        spec, _chunk_size(chunk_tokens, V, student_logits.device),
+    )
+    return total, {"ce": ce, "kd": kd}
+
+
+def _check_labels(labels: Tensor | None, valid: Tensor, V: int) -> Tensor | None:
+    if labels is None:
+        return None
+    flat = labels.reshape(-1).long()
+    counted = flat[valid]
+    if counted.numel() and (counted.min() < 0 or counted.max() >= V):
+        raise ValueError(f"labels must be -100 or in [0, {V})")
+    return flat
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """Mean over counted tokens of the fkl / rkl / jsd(beta) divergence, chunked."""
+    if kind == "topk":
+        raise ValueError("kind='topk' needs the teacher's top k: use topk_kd_loss")
+    return distillation_loss(
+        student_logits, teacher_logits, None, alpha=0.0, kind=kind, temperature=temperature,
+        beta=beta, mask=mask, vocab_size=vocab_size, chunk_tokens=chunk_tokens,
+    )[0]
+
+
+def topk_kd_loss(
+    student_logits: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_indices: Tensor,
+    *,
+    mode: str = "renorm",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """Forward KL against a teacher known by its top-k log-probs and indices, chunked."""
+    return distillation_loss(
+        student_logits, TopK(teacher_topk_logprobs, teacher_topk_indices), None, alpha=0.0,
+        kind="topk", topk_mode=mode, temperature=temperature, mask=mask, vocab_size=vocab_size,
+        chunk_tokens=chunk_tokens,
+    )[0]
+
+
+def fused_linear_distillation_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher: Tensor | TopK | TeacherHead,
+    labels: Tensor | None,
+    *,
+    alpha: float = 0.5,
+    kind: str = "fkl",
+    topk_mode: str = "renorm",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`distillation_loss` on logits = student_hidden @ student_head_weight^T (no bias), which
+    are only ever built one chunk of tokens at a time. Gradients reach hidden and weight."""
+    lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
+    if student_head_weight.dim() != 2 or student_head_weight.shape[1] != H:
+        raise ValueError(f"head weight {tuple(student_head_weight.shape)} vs hidden size {H}")
+    flat_teacher, Vt = _flat_teacher(teacher, lead, fused=True)
+    V = _vocab(student_head_weight.shape[0], Vt, vocab_size)
+    spec = _spec(kind, topk_mode, temperature, beta, alpha, V)
+    if labels is None and alpha != 0:
+        raise ValueError("alpha > 0 mixes in the LM cross-entropy, which needs labels")
+    _check_topk(flat_teacher, V, kind)
+    valid = _valid(lead, labels, mask, student_hidden.device)
+    flat_labels = _check_labels(labels, valid, V)
+    total, kd, ce = _FusedLinearKD.apply(
+        student_hidden.reshape(-1, H), student_head_weight, flat_teacher, flat_labels,
+        valid.nonzero().squeeze(1), spec,
+        # >= 128 tokens: each chunk's rank-n update of grad_weight rereads all of [V, hidden]
+        _chunk_size(chunk_tokens, V, student_hidden.device, least=128),
+    )
+    return total, {"ce": ce, "kd": kd}
+
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    teacher: Tensor | TopK | TeacherHead,
+    *,
+    kind: str = "fkl",
+    topk_mode: str = "renorm",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_tokens: int | None = None,
+) -> Tensor:
+    """`kd_loss` / `topk_kd_loss` (kind="topk") without ever building the student's logits."""
+    return fused_linear_distillation_loss(
+        student_hidden, student_head_weight, teacher, None, alpha=0.0, kind=kind,
+        topk_mode=topk_mode, temperature=temperature, beta=beta, mask=mask,
+        vocab_size=vocab_size, chunk_tokens=chunk_tokens,
+    )[0]
+
+
+def hidden_state_mse(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    kept_hidden_dims: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Mean squared error per hidden dim, averaged over counted tokens.
+
+    For a pruned student pass the prune manifest's kept hidden dims: the teacher's states are
+    compared on those dims only (the student's dim i is the teacher's kept_hidden_dims[i])."""
+    if kept_hidden_dims is not None:
+        teacher_hidden = teacher_hidden.index_select(-1, kept_hidden_dims.to(teacher_hidden.device))
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} vs teacher "
+            f"{tuple(teacher_hidden.shape)} (after kept_hidden_dims)"
+        )
+    cdtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    per = (student_hidden.to(cdtype) - teacher_hidden.to(cdtype)).square().mean(-1)
+    return _masked_mean(per, _valid(per.shape, None, mask, per.device).view(per.shape))
+
+
+# ---------------------------------------------------------------- naive references
+
+
+def _masked_mean(per_token: Tensor, valid: Tensor) -> Tensor:
+    # where, not a product: a masked token's inf/NaN must not leak into the value or gradient
+    return torch.where(valid, per_token, 0).sum() / valid.sum().clamp(min=1)
+
+
+def _naive_divergence(log_p: Tensor, log_q: Tensor, kind: str, beta: float) -> Tensor:
+    if kind == "fkl" or (kind == "jsd" and beta == 0):
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "rkl" or (kind == "jsd" and beta == 1):
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    mix = torch.stack([log_q + math.log1p(-beta), log_p + math.log(beta)])
+    log_m = torch.logsumexp(mix, dim=0)  # TRL's mixture
+    kl_teacher = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_student = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return beta * kl_teacher + (1 - beta) * kl_student
+
+
+def naive_kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Unchunked reference of `kd_loss` in plain autograd."""
+    V = _vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    cdtype = torch.promote_types(student_logits.dtype, torch.float32)
+    T = temperature
+    log_q = torch.log_softmax(student_logits[..., :V].to(cdtype) / T, -1)
+    log_p = torch.log_softmax(teacher_logits[..., :V].detach().to(cdtype) / T, -1)
+    per = _naive_divergence(log_p, log_q, kind, beta) * T**2
+    return _masked_mean(per, _valid(per.shape, None, mask, per.device).view(per.shape))
+
+
+def naive_topk_kd_loss(
+    student_logits: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_indices: Tensor,
+    *,
+    mode: str = "renorm",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Unchunked reference of `topk_kd_loss` in plain autograd."""
+    V = vocab_size or student_logits.shape[-1]
+    cdtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits[..., :V].to(cdtype) / temperature
+    lp, idx = teacher_topk_logprobs.detach().to(cdtype), teacher_topk_indices.long()
+    if mode == "renorm":
+        log_p = torch.log_softmax(lp / temperature, -1)
+        log_q = torch.log_softmax(s.gather(-1, idx), -1)
+        per = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+    else:
+        log_q = torch.log_softmax(s, -1)
+        per = (lp.exp() * (lp - log_q.gather(-1, idx))).sum(-1)
+        if idx.shape[-1] < V:
+            p_tail = (1 - lp.exp().sum(-1)).clamp(min=0)
+            outside = torch.ones_like(s, dtype=torch.bool).scatter(-1, idx, False)
+            q_tail = torch.where(outside, log_q.exp(), 0).sum(-1)
+            per = per + torch.xlogy(p_tail, p_tail) - torch.xlogy(p_tail, q_tail)
+    return _masked_mean(per, _valid(per.shape, None, mask, per.device).view(per.shape))
+
+
+def naive_distillation_loss(
+    student_logits: Tensor,
+    teacher: Tensor | TopK,
+    labels: Tensor,
+    *,
+    alpha: float = 0.5,
+    kind: str = "fkl",
+    topk_mode: str = "renorm",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Unchunked reference of `distillation_loss` in plain autograd."""
+    valid = _valid(labels.shape, labels, mask, labels.device).view(labels.shape)
+    if isinstance(teacher, TopK):
+        kd = naive_topk_kd_loss(student_logits, *teacher, mode=topk_mode, temperature=temperature,
+                                mask=valid, vocab_size=vocab_size)
+    else:
+        kd = naive_kd_loss(student_logits, teacher, kind=kind, temperature=temperature,
+                           beta=beta, mask=valid, vocab_size=vocab_size)
+    V = vocab_size or student_logits.shape[-1]
+    cdtype = torch.promote_types(student_logits.dtype, torch.float32)
+    ce_tok = F.cross_entropy(
+        student_logits[..., :V].to(cdtype).reshape(-1, V), labels.reshape(-1).clamp(min=0),
+        reduction="none",
+    ).view(labels.shape)
+    ce = _masked_mean(ce_tok, valid)
+    return alpha * ce + (1 - alpha) * kd, {"ce": ce.detach(), "kd": kd.detach()}
