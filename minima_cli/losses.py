@@ -418,19 +418,27 @@ def distillation_loss(
     Returns the differentiable total and {"ce", "kd"} detached for logging (labels None: pure KD,
     alpha must be 0 and "ce" is 0). MiniMA: alpha 0.5, kind "fkl", T = 1."""
     lead, Vs = student_logits.shape[:-1], student_logits.shape[-1]
-    flat_teacher, Vt = _flat_teacher(teacher, lead, fused=False)
-    V = _vocab(Vs, Vt, vocab_size)
+    flat_teacher, flat_labels, rows, spec = _prepare(
+        teacher, labels, mask, lead, Vs, student_logits.device, fused=False, alpha=alpha,
+        kind=kind, topk_mode=topk_mode, temperature=temperature, beta=beta, vocab_size=vocab_size)
+    total, kd, ce = _ChunkedKD.apply(
+        student_logits.reshape(-1, Vs), flat_teacher, flat_labels, rows, spec,
+        _chunk_size(chunk_tokens, spec.vocab_size, student_logits.device),
+    )
+    return total, {"ce": ce, "kd": kd}
+
+
+def _prepare(teacher, labels, mask, lead, student_vocab, device, *, fused, alpha, kind,
+             topk_mode, temperature, beta, vocab_size):
+    """Shared set-up of both entry points: (flat teacher, flat labels, counted rows, spec)."""
+    flat_teacher, Vt = _flat_teacher(teacher, lead, fused=fused)
+    V = _vocab(student_vocab, Vt, vocab_size)
     spec = _spec(kind, topk_mode, temperature, beta, alpha, V)
     if labels is None and alpha != 0:
         raise ValueError("alpha > 0 mixes in the LM cross-entropy, which needs labels")
     _check_topk(flat_teacher, V, kind)
-    valid = _valid(lead, labels, mask, student_logits.device)
-    flat_labels = _check_labels(labels, valid, V)
-    total, kd, ce = _ChunkedKD.apply(
-        student_logits.reshape(-1, Vs), flat_teacher, flat_labels, valid.nonzero().squeeze(1),
-        spec, _chunk_size(chunk_tokens, V, student_logits.device),
-    )
-    return total, {"ce": ce, "kd": kd}
+    valid = _valid(lead, labels, mask, device)
+    return flat_teacher, _check_labels(labels, valid, V), valid.nonzero().squeeze(1), spec
 
 
 def _check_labels(labels: Tensor | None, valid: Tensor, V: int) -> Tensor | None:
@@ -502,19 +510,15 @@ def fused_linear_distillation_loss(
     lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
     if student_head_weight.dim() != 2 or student_head_weight.shape[1] != H:
         raise ValueError(f"head weight {tuple(student_head_weight.shape)} vs hidden size {H}")
-    flat_teacher, Vt = _flat_teacher(teacher, lead, fused=True)
-    V = _vocab(student_head_weight.shape[0], Vt, vocab_size)
-    spec = _spec(kind, topk_mode, temperature, beta, alpha, V)
-    if labels is None and alpha != 0:
-        raise ValueError("alpha > 0 mixes in the LM cross-entropy, which needs labels")
-    _check_topk(flat_teacher, V, kind)
-    valid = _valid(lead, labels, mask, student_hidden.device)
-    flat_labels = _check_labels(labels, valid, V)
+    flat_teacher, flat_labels, rows, spec = _prepare(
+        teacher, labels, mask, lead, student_head_weight.shape[0], student_hidden.device,
+        fused=True, alpha=alpha, kind=kind, topk_mode=topk_mode, temperature=temperature,
+        beta=beta, vocab_size=vocab_size)
     total, kd, ce = _FusedLinearKD.apply(
-        student_hidden.reshape(-1, H), student_head_weight, flat_teacher, flat_labels,
-        valid.nonzero().squeeze(1), spec,
+        student_hidden.reshape(-1, H), student_head_weight, flat_teacher, flat_labels, rows,
+        spec,
         # >= 128 tokens: each chunk's rank-n update of grad_weight rereads all of [V, hidden]
-        _chunk_size(chunk_tokens, V, student_hidden.device, least=128),
+        _chunk_size(chunk_tokens, spec.vocab_size, student_hidden.device, least=128),
     )
     return total, {"ce": ce, "kd": kd}
 
