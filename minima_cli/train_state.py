@@ -1,0 +1,156 @@
+"""Training-loop pieces shared by `distill` and `sft`: AdamW parameter groups, the learning-rate
+schedule, and training checkpoints that resume exactly.
+
+A training checkpoint is a directory written atomically (see checkpoint.atomic_output_dir):
+- `model.safetensors`: the trainable weights,
+- `optimizer.safetensors`: every optimizer state tensor, keyed `<param index>.<name>`,
+- `state.json`: step, optimizer scalars and hyper-parameters, the Python/NumPy RNG states, the
+  data stream position and anything the loop adds; `rng.safetensors`: torch's RNG state.
+Everything is safetensors or JSON: resuming never unpickles a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from minima_cli.checkpoint import atomic_output_dir
+from minima_cli.errors import MinimaError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on norms and biases (1-D), as MiniMA trains.
+    Tied weights appear once (named_parameters de-duplicates them)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(step: int, *, peak: float, total_steps: int, warmup_steps: int,
+                  schedule: str = "cosine", min_ratio: float = 0.0) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from peak/warmup to peak,
+    then cosine or linear decay to `min_ratio * peak` at `total_steps`."""
+    if schedule not in SCHEDULES:
+        raise MinimaError(f"unknown schedule {schedule!r}: choose {', '.join(SCHEDULES)}")
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return peak
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return peak * (min_ratio + (1 - min_ratio) * shape)
+
+
+# --- training checkpoints ------------------------------------------------------------------------
+
+STATE_FILE = "state.json"
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every RNG a CPU training step may touch: (tensors, JSON-able)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(internal), gauss],
+                     "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state dict into tensors (for safetensors) and JSON."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_training_checkpoint(directory: Path, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer, step: int,
+                             extra: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+    """Write `directory/step-<step>` atomically, then delete all but the newest `keep_last`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"step-{step:08d}"
+    with atomic_output_dir(target, force=True) as tmp:
+        trainable = {name: p.detach().cpu().contiguous()
+                     for name, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "model.safetensors")
+        opt_tensors, opt_meta = optimizer_state(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        rng_tensors, rng_json = rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        state = {"step": step, "optimizer": opt_meta, "rng": rng_json, **(extra or {})}
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+    for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints (never the `.tmp-*` of a killed write), oldest first."""
+    return sorted(p for p in Path(directory).glob("step-*")
+                  if p.is_dir() and ".tmp-" not in p.name and (p / STATE_FILE).is_file())
+
+
+def load_training_checkpoint(path: Path, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNGs from a checkpoint dir (or the newest one under a run
+    dir); returns its state.json for the loop (step, data position, ...)."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        found = list_checkpoints(path)
+        if not found:
+            raise MinimaError(f"no training checkpoint in {path}")
+        path = found[-1]
+    state = json.loads((path / STATE_FILE).read_text())
+    weights = load_file(path / "model.safetensors")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise MinimaError(f"{path}: checkpoint weights do not match this model (another run?)")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in weights:
+                param.copy_(weights[name])
+    load_optimizer_state(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    set_rng_state(load_file(path / "rng.safetensors"), state["rng"])
+    return state

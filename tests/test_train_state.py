@@ -1,0 +1,98 @@
+"""Training-state pieces: schedule values, AdamW groups, and checkpoints that resume exactly."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_random_model
+
+from minima_cli.errors import MinimaError
+from minima_cli.train_state import (
+    learning_rate,
+    list_checkpoints,
+    load_training_checkpoint,
+    parameter_groups,
+    save_training_checkpoint,
+)
+
+
+def test_learning_rate_warmup_then_cosine_or_linear():
+    kw = {"peak": 1.0, "total_steps": 110, "warmup_steps": 10}
+    assert learning_rate(0, **kw) == pytest.approx(0.1)
+    assert learning_rate(9, **kw) == pytest.approx(1.0)
+    assert learning_rate(10, **kw) == pytest.approx(1.0)
+    assert learning_rate(60, **kw) == pytest.approx(0.5)  # half way down the cosine
+    assert learning_rate(110, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(35, **kw, schedule="linear") == pytest.approx(0.75)
+    assert learning_rate(110, **kw, min_ratio=0.1) == pytest.approx(0.1)
+    assert learning_rate(50, **kw, schedule="constant") == 1.0
+    assert learning_rate(35, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+    with pytest.raises(MinimaError, match="unknown schedule"):
+        learning_rate(0, **kw, schedule="step")
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = tiny_random_model("llama_bias")
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["params"]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def train(model, optimizer, steps: int, start: int = 0) -> None:
+    """Steps that use every RNG a loop may touch (dropout-like noise, data sampling)."""
+    for step in range(start, start + steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, peak=1e-2, total_steps=10, warmup_steps=2)
+        ids = torch.randint(0, 96, (2, 8))
+        noise = random.random() + float(np.random.rand())
+        loss = model(input_ids=ids, labels=ids).loss * (1 + 0.01 * noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def fresh(seed: int = 0):
+    model = tiny_random_model("llama", seed=seed).train()
+    return model, torch.optim.AdamW(parameter_groups(model, 0.1), betas=(0.9, 0.95))
+
+
+def test_resumed_training_ends_bitwise_equal(tmp_path):
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    model, optimizer = fresh()
+    train(model, optimizer, 6)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    model, optimizer = fresh()
+    train(model, optimizer, 3)
+    save_training_checkpoint(tmp_path / "run", model, optimizer, step=3, extra={"data": [7]})
+    train(model, optimizer, 2, start=3)  # work lost to a "kill" after the checkpoint
+
+    model, optimizer = fresh(seed=5)  # a new process: different init, RNGs elsewhere
+    torch.manual_seed(99), random.seed(99), np.random.seed(99)
+    state = load_training_checkpoint(tmp_path / "run", model, optimizer)
+    assert state["step"] == 3 and state["data"] == [7]
+    train(model, optimizer, 3, start=state["step"])
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_keep_last_and_refusal_of_a_foreign_checkpoint(tmp_path):
+    model, optimizer = fresh()
+    for step in (1, 2, 3, 4):
+        save_training_checkpoint(tmp_path, model, optimizer, step, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+    (tmp_path / "step-00000009.tmp-1-x").mkdir()  # a killed write is never picked up
+    other = tiny_random_model("llama", layers=2)
+    with pytest.raises(MinimaError, match="do not match this model"):
+        load_training_checkpoint(tmp_path, other,
+                                 torch.optim.AdamW(parameter_groups(other, 0.1)))
+    with pytest.raises(MinimaError, match="no training checkpoint"):
+        load_training_checkpoint(tmp_path / "empty", model, optimizer)
