@@ -163,7 +163,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> A
         return AutoTokenizer.from_pretrained(
             source.directory, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as error:
+    except Exception as error:  # the Rust tokenizers library raises bare Exceptions on bad files
         raise MinimaError(f"{source}: cannot load tokenizer ({first_line(error)})") from error
 
 

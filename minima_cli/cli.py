@@ -203,6 +203,53 @@ def prune(
         out.print(f"layers kept: {result['plan']['layers']}")
 
 
+@app.command()
+def distill(
+    teacher: str = typer.Option(..., "--teacher", "-t", help="The full teacher: HF directory "
+                                "or .gguf file."),
+    student: str = typer.Option(..., "--student", "-s", help="The student to train (usually "
+                                "`minima prune` output); same tokenizer as the teacher."),
+    data: str = typer.Option(..., "--data", "-d", help="Training text: a file, a directory, "
+                             "'a.txt:0.7,b.jsonl:0.3' to mix by weight, or a hub dataset name."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the distilled "
+                                "student (standard HF model); OUTPUT.run/ holds checkpoints."),
+    loss: str = typer.Option("fkl", help="fkl (forward KL, MiniMA), rkl, or jsd (GKD)."),
+    temperature: float = typer.Option(1.0, help="Softmax temperature T (losses scaled by T^2)."),
+    alpha: float = typer.Option(0.5, help="Weight of the LM cross-entropy; 1 - alpha on KD."),
+    beta: float = typer.Option(0.5, help="JSD interpolation weight (jsd only)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per packed sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per micro-batch."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW, warmup then cosine)."),
+    max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
+    warmup_ratio: float = typer.Option(0.01, "--warmup-ratio", help="Fraction of steps warming "
+                                       "up."),
+    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Validation loss every N steps."),
+    seed: int = typer.Option(0, help="Seed for data order and the validation split."),
+    text_field: str = typer.Option("text", "--text-field", help="Field with the text in "
+                                   "jsonl/json/parquet data."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUTPUT.run/ from its newest "
+                                "checkpoint, exactly."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Distil the teacher into the student: alpha * CE + (1 - alpha) * KD, the KD loss computed
+    in token chunks so the full float32 [tokens, vocab] tensors never coexist."""
+    from minima_cli.distill import DistillConfig, run_distill
+
+    config = DistillConfig(loss=loss, temperature=temperature, alpha=alpha, beta=beta,
+                           seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                           max_steps=max_steps, warmup_ratio=warmup_ratio, save_every=save_every,
+                           eval_every=eval_every, seed=seed)
+    manifest = run_distill(teacher_path=teacher, student_path=student, data=data, output=output,
+                           config=config, resume=resume, force=force, progress=not quiet,
+                           text_field=text_field)
+    metrics = manifest["metrics"]
+    out.print(f"distilled {metrics['tokens']:,} tokens in {manifest['wall_time_s']:.1f}s: "
+              f"valid perplexity {metrics.get('valid_perplexity', float('nan')):.3f} -> {output}")
+
+
 def read_points(path: Path, what: str) -> list[list[float]]:
     """A JSON list of numeric rows, e.g. [[3e9, 7.5e9], ...]; one clear line if it is not."""
     import json
