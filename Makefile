@@ -32,13 +32,17 @@ test-fast: venv
 lint: venv
 	$(VENV)/bin/ruff check minima_cli tests bench scripts
 
-# The embedded demo: a tiny teacher, tokenizer and corpus built here, then score and prune.
+# The embedded demo: a tiny teacher, tokenizer and corpus built here, then score, prune, distill.
 demo: venv
 	$(MINIMA) tiny --output $(DEMO)/world --force
 	$(MINIMA) score --model $(DEMO)/world/teacher --data $(DEMO)/world/data/train.txt \
 		--output $(DEMO)/scores --seq-len 64 --batches 16 --force
 	$(MINIMA) prune --model $(DEMO)/world/teacher --scores $(DEMO)/scores \
 		--output $(DEMO)/pruned --ratio 0.5 --force
+	rm -rf $(DEMO)/distilled.run
+	$(MINIMA) distill --teacher $(DEMO)/world/teacher --student $(DEMO)/pruned \
+		--data $(DEMO)/world/data/train.txt --output $(DEMO)/distilled --seq-len 64 \
+		--batch-size 8 --max-steps 200 --lr 3e-3 --save-every 100 --eval-every 50 --force
 	$(PY) scripts/demo_report.py $(DEMO)
 
 bench: venv

@@ -39,14 +39,17 @@ def main(demo: Path) -> None:
         return pack_documents(tokenize_documents(tokenizer, documents), 64,
                               tokenizer.eos_token_id)
 
-    table = Table(title="minima demo: teacher vs pruned (before distillation)")
+    table = Table(title="minima demo: teacher -> pruned -> distilled")
     for column in ("model", "parameters", "valid perplexity", f"greedy: {PROMPT!r} ..."):
         table.add_column(column)
-    for name, path in (("teacher", demo / "world" / "teacher"), ("pruned", demo / "pruned")):
+    models = (("teacher", demo / "world" / "teacher"), ("pruned", demo / "pruned"),
+              ("distilled", demo / "distilled"))
+    for name, path in models:
         params, perplexity, sample = describe(path, blocks_for)
         table.add_row(name, f"{params:,}", f"{perplexity:.2f}", sample)
     Console().print(table)
-    print(f"the pruned model is a plain Hugging Face checkpoint: {demo / 'pruned'}")
+    print(f"pruned and distilled students are plain Hugging Face checkpoints: {demo / 'pruned'}, "
+          f"{demo / 'distilled'}")
 
 
 if __name__ == "__main__":
