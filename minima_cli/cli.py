@@ -235,7 +235,7 @@ def distill(
     quiet: bool = QUIET,
 ) -> None:
     """Distil the teacher into the student: alpha * CE + (1 - alpha) * KD, the KD loss computed
-    in token chunks so the full float32 [tokens, vocab] tensors never coexist."""
+    in token chunks so the full float32 (tokens x vocab) tensors never coexist."""
     from minima_cli.distill import DistillConfig, run_distill
 
     config = DistillConfig(loss=loss, temperature=temperature, alpha=alpha, beta=beta,
