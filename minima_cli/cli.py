@@ -283,7 +283,7 @@ def plan(
     law: str = typer.Option(None, help="Capacity-gap law 'slope=2.498,intercept=-11.498e6' "
                             "(sizes in parameters; default: MiniMA's fit, R^2 0.996)."),
     law_points: Path = typer.Option(None, "--law-points", help="Fit the law instead from a "
-                                    "JSON list of [student, best teacher] pairs (a sweep)."),
+                                    "JSON list of \\[student, best teacher] pairs (a sweep)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """The capacity-gap law (MiniMA): the best teacher is about 2.5x the student, not the
@@ -341,11 +341,11 @@ def density(
     loss_law: str = typer.Option(None, "--loss-law", help="L(N, D) = a N^-alpha + b D^-beta "
                                  "as 'a=..,alpha=..,b=..,beta=..'."),
     loss_points: Path = typer.Option(None, "--loss-points", help="Fit L(N, D) instead from a "
-                                     "JSON list of [params, tokens, loss] rows."),
+                                     "JSON list of \\[params, tokens, loss] rows."),
     perf_law: str = typer.Option(None, "--perf-law", help="S(L) = c / (1 + exp(-gamma (L - l)))"
                                  " + d as 'c=..,gamma=..,l=..,d=..'."),
     perf_points: Path = typer.Option(None, "--perf-points", help="Fit S(L) instead from a JSON "
-                                     "list of [loss, score] rows."),
+                                     "list of \\[loss, score] rows."),
     d0: str = typer.Option("1T", "--d0", help="Training tokens D0 at which effective sizes are "
                            "compared (the paper: 1T)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
