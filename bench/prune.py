@@ -53,13 +53,6 @@ def build_teacher(directory: Path, args: argparse.Namespace) -> None:
     model.save_pretrained(directory, max_shard_size="100MB")
 
 
-def random_scores(shape, seed: int) -> dict[str, torch.Tensor]:
-    from minima_cli.masks import Masks
-
-    generator = torch.Generator().manual_seed(seed)
-    return {axis: torch.rand(mask.shape, generator=generator)
-            for axis, mask in Masks.ones(shape).as_dict().items()}
-
 
 def max_rss_mb() -> float:
     """Peak RSS of this process. VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork
@@ -78,6 +71,7 @@ def child(teacher: Path, out: Path, ratio: float, no_fsync: bool = False) -> Non
     from minima_cli.arch import shape_from_config
     from minima_cli.checkpoint import load_config, resolve_model
     from minima_cli.prune import plan_prune, prune_checkpoint, resolve_target
+    from minima_cli.score import random_scores
 
     source = resolve_model(teacher)
     config = load_config(source)

@@ -17,15 +17,20 @@ import math
 import tempfile
 from pathlib import Path
 
-import torch
-
 from minima_cli.arch import shape_from_config
 from minima_cli.checkpoint import load_model, load_tokenizer, resolve_model
 from minima_cli.data import pack_documents, read_documents, tokenize_documents
-from minima_cli.masks import Masks, masked
+from minima_cli.masks import masked
 from minima_cli.prune import plan_masks, plan_prune, resolve_target
-from minima_cli.score import activation_scores, gradient_scores, normalize_scores, score_blocks
-from minima_cli.tiny import build_tiny_world, evaluate_loss
+from minima_cli.score import (
+    activation_scores,
+    gradient_scores,
+    normalize_scores,
+    random_scores,
+    score_blocks,
+)
+from minima_cli.tiny import build_tiny_world
+from minima_cli.train_state import evaluate_loss
 
 TARGETS = {"ratio 0.75": {"ratio": 0.75}, "ratio 0.5": {"ratio": 0.5},
            "ffn only 50%": {"shape": {"ffn": 88}}, "hidden only 75%": {"shape": {"hidden": 48}},
@@ -79,11 +84,6 @@ def perplexity(model, shape, valid, plan) -> float:
     with masked(model, plan_masks(plan, shape), shape):
         return math.exp(evaluate_loss(model, valid))
 
-
-def random_scores(shape, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {axis: torch.rand(mask.shape, generator=generator)
-            for axis, mask in Masks.ones(shape).as_dict().items()}
 
 
 if __name__ == "__main__":

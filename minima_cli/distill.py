@@ -40,6 +40,7 @@ from minima_cli.errors import MinimaError
 from minima_cli.losses import distillation_loss
 from minima_cli.progress import step_progress
 from minima_cli.train_state import (
+    evaluate_loss,
     learning_rate,
     list_checkpoints,
     load_training_checkpoint,
@@ -103,19 +104,6 @@ def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
     for name in ("eos_token", "bos_token", "pad_token"):
         if getattr(teacher_tok, name) != getattr(student_tok, name):
             raise MinimaError(f"teacher and student tokenizers differ in {name}")
-
-
-@torch.no_grad()
-def validation_loss(student: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    """Token-weighted mean next-token loss of the student on the held-out blocks."""
-    student.eval()
-    total, count = 0.0, 0
-    for batch in blocks.split(batch_size):
-        loss = student(input_ids=batch, labels=batch).loss
-        total += loss.item() * batch.shape[0]
-        count += batch.shape[0]
-    student.train()
-    return total / max(count, 1)
 
 
 def run_distill(*, teacher_path: str, student_path: str, data: str, output: Path,
@@ -191,7 +179,8 @@ def run_distill(*, teacher_path: str, student_path: str, data: str, output: Path
                       "loss": config.alpha * ce_sum + (1 - config.alpha) * kd_sum,
                       "grad_norm": float(grad_norm)}
             if done % config.eval_every == 0 or done == config.max_steps:
-                record["valid_loss"] = validation_loss(student, prepared.valid, config.batch_size)
+                record["valid_loss"] = evaluate_loss(student, prepared.valid, config.batch_size)
+                student.train()
                 record["valid_perplexity"] = math.exp(record["valid_loss"])
                 metrics.update(valid_loss=record["valid_loss"],
                                valid_perplexity=record["valid_perplexity"])

@@ -64,6 +64,14 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
 
 
+def random_scores(shape: ModelShape, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Uniform random scores of every mask's shape: the floor a real method must beat, and a
+    stand-in for planning in tests and benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+    return {axis: torch.rand(mask.shape, generator=generator)
+            for axis, mask in Masks.ones(shape).as_dict().items()}
+
+
 def gradient_scores(
     model: nn.Module,
     shape: ModelShape,

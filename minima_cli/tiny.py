@@ -24,6 +24,7 @@ from minima_cli.checkpoint import quiet_transformers
 from minima_cli.data import pack_documents, tokenize_documents
 from minima_cli.errors import MinimaError
 from minima_cli.progress import step_progress
+from minima_cli.train_state import evaluate_loss
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -322,17 +323,6 @@ def pretrain(
     finally:
         model.eval()
     return losses
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 64) -> float:
-    """Mean next-token cross-entropy of `model` over all `blocks` (every block the same length)."""
-    model.eval()
-    total = 0.0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start : start + batch_size]
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
-    return total / len(blocks)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,17 @@ from minima_cli.errors import MinimaError
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean next-token cross-entropy of `model` over all `blocks` (every block the same length)."""
+    model.eval()
+    total = 0.0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start : start + batch_size]
+        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+    return total / len(blocks)
+
+
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay on matrices, none on norms and biases (1-D), as MiniMA trains.
     Tied weights appear once (named_parameters de-duplicates them)."""

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minima_cli.checkpoint import quiet_transformers
 from minima_cli.data import pack_documents, read_documents, tokenize_documents
-from minima_cli.tiny import evaluate_loss
+from minima_cli.train_state import evaluate_loss
 
 PROMPT = "the colour of"
 

@@ -62,6 +62,15 @@ RELOAD_AND_GENERATE = (
 )
 
 
+def run_cli(args: list, capsys) -> tuple[int, str, str]:
+    """Run `minima ARGS` in-process: (exit code, stdout, stderr)."""
+    from minima_cli.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def reload_and_generate(model_dir: Path, prompt: str, new_tokens: int = 5) -> tuple[int, str]:
     """Load `model_dir` in a fresh interpreter with nothing but transformers and generate
     greedily: the contract users rely on. Returns (parameter count, decoded text)."""

@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reload_and_generate, save_model, tiny_random_model
+from conftest import run_cli as run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minima_cli.cli import main
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

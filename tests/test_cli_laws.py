@@ -5,17 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from minima_cli.cli import main
+from conftest import run_cli as run
 
 LOSS = "a=406.4,alpha=0.34,b=410.7,beta=0.28"
 PERF = "c=0.7,gamma=-5,l=2.5,d=0.25"
-
-
-def run(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_plan_picks_llama2_7b_for_the_minima_3b_student(capsys):

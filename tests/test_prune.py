@@ -27,17 +27,13 @@ from minima_cli.prune import (
     split_heads,
     top_k,
 )
+from minima_cli.score import random_scores
 
 LLAMA2_7B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=11008,
                        vocab=32000, tied=False)
 SMOLLM2 = ModelShape(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, ffn=1536,
                      vocab=49152, tied=True)
 
-
-def random_scores(shape: ModelShape, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {axis: torch.rand(mask.shape, generator=generator)
-            for axis, mask in Masks.ones(shape).as_dict().items()}
 
 
 # --- targets -------------------------------------------------------------------------------------
