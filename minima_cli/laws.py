@@ -240,6 +240,68 @@ def fit_capacity_gap(points: Sequence[tuple[float, float]]) -> CapacityGapLaw:
                           _r2(teachers, design @ np.array([slope, intercept])))
 
 
+@dataclass(frozen=True)
+class CapacityCurve:
+    """Student loss against the teacher/student size ratio k, as a parabola in ln k:
+    loss(k) = a (ln k)^2 + b ln k + c. Its vertex k* = exp(-b / 2a) is the best teacher ratio
+    when the parabola opens upwards (a > 0) and k* lies inside the swept ratios."""
+
+    a: float
+    b: float
+    c: float
+    r2: float
+    k_range: tuple[float, float]
+
+    def loss(self, k: float | np.ndarray) -> Any:
+        x = np.log(k)
+        return self.a * x * x + self.b * x + self.c
+
+    @property
+    def optimum(self) -> float | None:
+        """k* inside the swept range, or None when the fit has no interior minimum."""
+        if self.a <= 0:
+            return None
+        k = math.exp(-self.b / (2 * self.a))
+        return k if self.k_range[0] <= k <= self.k_range[1] else None
+
+    def verdict(self) -> str:
+        if self.optimum is not None:
+            return f"interior optimum at k* = {self.optimum:.3g}"
+        if self.a <= 0:
+            return "no minimum: the fitted curve bends downwards (best at an end of the sweep)"
+        return (f"the fitted minimum k = {math.exp(-self.b / (2 * self.a)):.3g} lies outside the "
+                f"swept ratios {self.k_range[0]:.3g}..{self.k_range[1]:.3g}")
+
+
+def fit_capacity_curve(points: Sequence[tuple[float, float]]) -> CapacityCurve:
+    """Least-squares parabola in ln k through (teacher/student ratio k, student loss) points of
+    a capacity-gap sweep (MiniMA's pilot: student quality first rises, then falls with k)."""
+    data = _columns(points, 2, 3, "capacity-curve fit", "ratio, loss")
+    if (data[:, 0] <= 0).any():
+        raise MinimaError("capacity-curve fit: ratios k must be positive")
+    if len(np.unique(data[:, 0])) < 3:
+        raise MinimaError("capacity-curve fit: needs at least three different ratios")
+    x, y = np.log(data[:, 0]), data[:, 1]
+    design = np.stack([x * x, x, np.ones_like(x)], axis=1)
+    coefficients, *_ = np.linalg.lstsq(design, y, rcond=None)
+    a, b, c = (float(v) for v in coefficients)
+    return CapacityCurve(a, b, c, _r2(y, design @ coefficients),
+                         (float(data[:, 0].min()), float(data[:, 0].max())))
+
+
+def sweep_law_point(sweep: dict[str, Any], what: str = "sweep") -> list[float]:
+    """The (student size, best teacher size) point a capacity-gap sweep report gives, for
+    fit_capacity_gap; one clear line when the sweep found no interior optimum."""
+    point = sweep.get("law_point")
+    if point is None:
+        raise MinimaError(f"{what}: the sweep found no best teacher inside its range "
+                          f"({sweep.get('verdict', 'no law_point')}), so it gives no law point")
+    if not (isinstance(point, list) and len(point) == 2
+            and all(isinstance(v, int | float) for v in point)):
+        raise MinimaError(f"{what}: law_point must be [student size, best teacher size]")
+    return [float(v) for v in point]
+
+
 # --- densing law: loss L(N, D) = a N^-alpha + b D^-beta -------------------------------------------
 
 

@@ -20,6 +20,7 @@ from minima_cli.laws import (
     doubling_time_days,
     doubling_time_months,
     effective_params,
+    fit_capacity_curve,
     fit_capacity_gap,
     fit_density_trend,
     fit_loss_law,
@@ -31,6 +32,7 @@ from minima_cli.laws import (
     plan_student,
     plan_teacher,
     student_size_for_teacher,
+    sweep_law_point,
 )
 
 LOSS = LossLaw(a=406.4, alpha=0.34, b=410.7, beta=0.28)  # Chinchilla-like magnitudes
@@ -114,6 +116,34 @@ def test_fit_capacity_gap_recovers_the_paper_line():
 def test_a_fitted_law_drives_the_plan():
     law = fit_capacity_gap([(1e9, 3e9), (2e9, 6e9)])
     assert optimal_teacher_size(4e9, law) == pytest.approx(12e9)
+
+
+def test_capacity_curve_fit_finds_the_best_teacher_ratio():
+    ks = [1, 1.5, 2, 2.5, 3, 4, 6, 8]
+    # student loss lowest at k* = 2.5: 0.3 (ln k - ln 2.5)^2 + 1.2
+    exact = [(k, 0.3 * (math.log(k) - math.log(2.5)) ** 2 + 1.2) for k in ks]
+    curve = fit_capacity_curve(exact)
+    assert curve.optimum == pytest.approx(2.5, rel=1e-9)
+    assert curve.a == pytest.approx(0.3) and curve.r2 == pytest.approx(1.0)
+    assert float(curve.loss(2.5)) == pytest.approx(1.2)
+    assert "interior optimum at k* = 2.5" in curve.verdict()
+    rng = np.random.default_rng(1)
+    noisy = fit_capacity_curve([(k, y + 0.005 * rng.standard_normal()) for k, y in exact])
+    assert noisy.optimum == pytest.approx(2.5, rel=0.1)
+
+
+def test_capacity_curve_without_an_interior_optimum_says_so():
+    falling = fit_capacity_curve([(k, 2.0 - 0.1 * math.log(k) - 0.01 * math.log(k) ** 2)
+                                  for k in (1, 2, 4, 8)])
+    assert falling.optimum is None and "bends downwards" in falling.verdict()
+    beyond = fit_capacity_curve([(k, 0.2 * (math.log(k) - math.log(20)) ** 2) for k in (1, 2, 4)])
+    assert beyond.optimum is None and "outside the swept ratios 1..4" in beyond.verdict()
+
+
+def test_sweep_law_point_feeds_the_capacity_gap_fit():
+    law = fit_capacity_gap([sweep_law_point({"law_point": [1e6, 2.5e6]}),
+                            sweep_law_point({"law_point": [2e6, 5e6]})])
+    assert law.slope == pytest.approx(2.5) and law.intercept == pytest.approx(0, abs=1e-3)
 
 
 # --- densing law ----------------------------------------------------------------------------------
@@ -216,6 +246,11 @@ def test_parse_law_params():
     (lambda: parse_params("0B", "--student"), "--student must be positive"),
     (lambda: fit_capacity_gap([(1e9, 3e9)]), "too few to fit 2"),
     (lambda: fit_capacity_gap([(1e9, 3e9), (1e9, 4e9)]), "two different student sizes"),
+    (lambda: fit_capacity_curve([(1, 2.0), (2, 1.9)]), "2 points are too few to fit 3"),
+    (lambda: fit_capacity_curve([(1, 2.0), (2, 1.9), (2, 1.8)]), "three different ratios"),
+    (lambda: fit_capacity_curve([(0, 2.0), (2, 1.9), (3, 1.8)]), "ratios k must be positive"),
+    (lambda: sweep_law_point({"law_point": None, "verdict": "no minimum"}), "no best teacher"),
+    (lambda: sweep_law_point({"law_point": [1e6]}), "law_point must be"),
     (lambda: fit_loss_law(loss_points()[:3]), "3 points are too few to fit 4"),
     (lambda: fit_loss_law([(0, 1e9, 2.0)] + loss_points()), "must be positive"),
     (lambda: fit_loss_law([(n, 1e12, 2.0) for n in SIZES]), "different sizes and token counts"),
