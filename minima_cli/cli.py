@@ -86,7 +86,10 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 def tiny(
     output: Path = typer.Option(..., "--output", "-o", help="Directory to create: teacher/ "
                                 "(HF model + tokenizer), data/train.txt, data/valid.txt, "
-                                "data/facts.jsonl."),
+                                "data/facts.jsonl, multiple-choice sets for `minima eval` "
+                                "(data/eval_mc.jsonl, data/eval_facts_mc.jsonl, each with a "
+                                "_dev file of shots) and chat data (data/chat_train.jsonl, "
+                                "data/chat_eval.jsonl)."),
     seed: int = typer.Option(0, help="Seed for the corpus, the initial weights and batching."),
     gqa: bool = typer.Option(True, "--gqa/--no-gqa", help="Grouped-query attention (2 query "
                              "heads per kv head) or plain multi-head attention."),
@@ -203,55 +206,330 @@ def prune(
         out.print(f"layers kept: {result['plan']['layers']}")
 
 
+def merged_params(ctx: typer.Context, config_file: Path | None, section: str) -> dict:
+    """The command's parameters with a YAML recipe's values filled in where the command line left
+    the default (flags win). The file may hold the keys at top level or under `section:`."""
+    import difflib
+
+    import yaml
+
+    params = dict(ctx.params)
+    if config_file is None:
+        return params
+    try:
+        loaded = yaml.safe_load(Path(config_file).read_text())
+    except FileNotFoundError:
+        raise MinimaError(f"--config: file not found: {config_file}") from None
+    except yaml.YAMLError as error:
+        raise MinimaError(f"{config_file}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get(section), dict):
+        loaded = loaded[section]
+    if not isinstance(loaded, dict):
+        raise MinimaError(f"{config_file}: expected a mapping of {section} options")
+    by_name = {p.name: p for p in ctx.command.params}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in by_name or name in ("config", "resume", "force", "quiet"):
+            close = difflib.get_close_matches(name, list(by_name), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise MinimaError(f"{config_file}: {section}.{key}: unknown key{hint}")
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name != "DEFAULT":
+            continue  # given on the command line
+        try:
+            params[name] = by_name[name].type_cast_value(ctx, value)
+        except (click_errors.BadParameter, TypeError, ValueError) as error:
+            message = getattr(error, "message", str(error))
+            raise MinimaError(f"{config_file}: {section}.{key}: {message}") from None
+    return params
+
+
+CONFIG = typer.Option(None, "--config", "-c", help="YAML file with any of these options "
+                      "(keys as the long flags, at top level or under the command's name); "
+                      "flags given on the command line win.")
+
+
 @app.command()
 def distill(
-    teacher: str = typer.Option(..., "--teacher", "-t", help="The full teacher: HF directory "
-                                "or .gguf file."),
-    student: str = typer.Option(..., "--student", "-s", help="The student to train (usually "
+    ctx: typer.Context,
+    teacher: str = typer.Option(None, "--teacher", "-t", help="The full teacher: HF directory "
+                                "or .gguf file (or give --teacher-cache)."),
+    student: str = typer.Option(None, "--student", "-s", help="The student to train (usually "
                                 "`minima prune` output); same tokenizer as the teacher."),
-    data: str = typer.Option(..., "--data", "-d", help="Training text: a file, a directory, "
+    data: str = typer.Option(None, "--data", "-d", help="Training text: a file, a directory, "
                              "'a.txt:0.7,b.jsonl:0.3' to mix by weight, or a hub dataset name."),
-    output: Path = typer.Option(..., "--output", "-o", help="Directory for the distilled "
+    output: Path = typer.Option(None, "--output", "-o", help="Directory for the distilled "
                                 "student (standard HF model); OUTPUT.run/ holds checkpoints."),
-    loss: str = typer.Option("fkl", help="fkl (forward KL, MiniMA), rkl, or jsd (GKD)."),
+    teacher_cache: str = typer.Option(None, "--teacher-cache", help="`minima cache-teacher` "
+                                      "output: train on the cached top-k without loading the "
+                                      "teacher (needs --loss topk)."),
+    loss: str = typer.Option("fkl", help="fkl (forward KL, MiniMA), rkl, jsd (GKD), or topk "
+                             "(forward KL on the teacher's top-k)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature T (losses scaled by T^2)."),
     alpha: float = typer.Option(0.5, help="Weight of the LM cross-entropy; 1 - alpha on KD."),
     beta: float = typer.Option(0.5, help="JSD interpolation weight (jsd only)."),
+    topk: int = typer.Option(64, help="Teacher tokens per position for --loss topk (online)."),
+    topk_mode: str = typer.Option("renorm", "--topk-mode", help="renorm (top-k renormalised) "
+                                  "or tail (one bucket for the rest of the mass)."),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="Weight of the hidden-state"
+                                        " MSE (0: off); a pruned student is compared on the "
+                                        "teacher's kept hidden dims."),
+    hidden_layers: str = typer.Option("auto", "--hidden-layers", help="STUDENT:TEACHER layer "
+                                      "pairs, e.g. '0:1,1:3' (auto: a pruned layer to its "
+                                      "origin, else the same relative depth)."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per packed sequence."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per micro-batch."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per micro-batch (per "
+                                   "process)."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW, warmup then cosine)."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW betas 0.9/0.95)."),
+    schedule: str = typer.Option("cosine", help="cosine, linear or constant after warmup."),
+    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Final lr as a fraction of "
+                                       "the peak."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
+                                       "norms and biases)."),
+    clip: float = typer.Option(1.0, help="Gradient clipping norm."),
     max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
+    max_tokens: int = typer.Option(0, "--max-tokens", help="Train on this many tokens instead "
+                                   "of --max-steps (0: use --max-steps)."),
     warmup_ratio: float = typer.Option(0.01, "--warmup-ratio", help="Fraction of steps warming "
                                        "up."),
     save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
+    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept."),
     eval_every: int = typer.Option(50, "--eval-every", help="Validation loss every N steps."),
+    valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Documents held out for"
+                                         " validation."),
     seed: int = typer.Option(0, help="Seed for data order and the validation split."),
+    precision: str = typer.Option("auto", help="fp32, bf16 (autocast; DeepSpeed: bf16 weights) "
+                                  "or auto: bf16 where the hardware has it (GPU, CPUs with "
+                                  "AVX512-BF16/AMX)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade "
+                                                "compute for activation memory."),
+    deepspeed: str = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. "
+                                  "recipes/deepspeed/zero3.json); launch with torchrun or "
+                                  "accelerate launch for several processes."),
+    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard "
+                                     "scalars next to log.jsonl."),
     text_field: str = typer.Option("text", "--text-field", help="Field with the text in "
                                    "jsonl/json/parquet data."),
+    config: Path = CONFIG,
     resume: bool = typer.Option(False, "--resume", help="Continue OUTPUT.run/ from its newest "
                                 "checkpoint, exactly."),
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
-    """Distil the teacher into the student: alpha * CE + (1 - alpha) * KD, the KD loss computed
-    in token chunks so the full float32 (tokens x vocab) tensors never coexist."""
+    """Distil the teacher into the student: alpha * CE + (1 - alpha) * KD (+ hidden-state MSE),
+    the KD loss computed in token chunks so the full float32 (tokens x vocab) tensors never
+    coexist. Runs on one process, or many under torchrun / accelerate launch with DeepSpeed."""
+    import dataclasses
+
     from minima_cli.distill import DistillConfig, run_distill
 
-    config = DistillConfig(loss=loss, temperature=temperature, alpha=alpha, beta=beta,
-                           seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                           max_steps=max_steps, warmup_ratio=warmup_ratio, save_every=save_every,
-                           eval_every=eval_every, seed=seed)
-    manifest = run_distill(teacher_path=teacher, student_path=student, data=data, output=output,
-                           config=config, resume=resume, force=force, progress=not quiet,
-                           text_field=text_field)
+    params = merged_params(ctx, config, "distill")
+    for required in ("student", "data", "output"):
+        if params[required] is None:
+            raise MinimaError(f"missing option --{required} (on the command line or in --config)")
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    settings = DistillConfig(**{k: v for k, v in params.items() if k in fields})
+    manifest = run_distill(teacher_path=params["teacher"], student_path=params["student"],
+                           data=params["data"], output=Path(params["output"]), config=settings,
+                           resume=resume, force=force, progress=not quiet,
+                           text_field=params["text_field"], teacher_cache=params["teacher_cache"])
+    if manifest is None:  # not the main rank
+        return
     metrics = manifest["metrics"]
-    out.print(f"distilled {metrics['tokens']:,} tokens in {manifest['wall_time_s']:.1f}s: "
-              f"valid perplexity {metrics.get('valid_perplexity', float('nan')):.3f} -> {output}")
+    out.print(f"distilled {metrics['tokens']:,} tokens in {manifest['wall_time_s']:.1f}s "
+              f"({metrics['tokens_per_s']:,.0f} tok/s): valid perplexity "
+              f"{metrics.get('valid_perplexity', float('nan')):.3f} -> {params['output']}")
 
 
-def read_points(path: Path, what: str) -> list[list[float]]:
-    """A JSON list of numeric rows, e.g. [[3e9, 7.5e9], ...]; one clear line if it is not."""
+@app.command("cache-teacher")
+def cache_teacher(
+    teacher: str = typer.Option(..., "--teacher", "-t", help="The teacher: HF directory or "
+                                ".gguf file."),
+    data: str = typer.Option(..., "--data", "-d", help="The training data exactly as distill "
+                             "will get it."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the cache shards."),
+    k: int = typer.Option(64, "--k", "-k", help="Top tokens kept per position."),
+    seq_len: int = typer.Option(512, "--seq-len", help="As distill's --seq-len."),
+    seed: int = typer.Option(0, help="As distill's --seed (it decides the validation split)."),
+    valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="As distill's."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per teacher forward."),
+    blocks_per_shard: int = typer.Option(1024, "--blocks-per-shard", help="Sequences per "
+                                         "safetensors shard."),
+    dtype: str = typer.Option("float16", help="Log-prob storage: float16, bfloat16, float32."),
+    text_field: str = typer.Option("text", "--text-field", help="As distill's."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Run the teacher once over the training data and store its top-k log-probs per token, so
+    `minima distill --teacher-cache DIR --loss topk` trains without the teacher in memory."""
+    from minima_cli.teacher_cache import run_cache_teacher
+
+    manifest = run_cache_teacher(teacher_path=teacher, data=data, output=output, seq_len=seq_len,
+                                 k=k, seed=seed, valid_fraction=valid_fraction,
+                                 batch_size=batch_size, blocks_per_shard=blocks_per_shard,
+                                 dtype=dtype, text_field=text_field, force=force,
+                                 progress=not quiet)
+    out.print(f"cached the top-{k} of {manifest['metrics']['tokens']:,} tokens in "
+              f"{len(manifest['shards'])} shards ({manifest['wall_time_s']:.1f}s) -> {output}")
+
+
+@app.command()
+def schedule(
+    teacher: str = typer.Option(..., "--teacher", "-t", help="The full teacher: HF directory "
+                                "or .gguf file."),
+    scores: str = typer.Option(..., "--scores", "-s", help="`minima score` output for the "
+                               "teacher: one ranking for every nested candidate."),
+    data: str = typer.Option(..., "--data", "-d", help="Training text for the sandwich and "
+                             "every distillation (as for `minima distill`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write: "
+                                "schedule.json, student/ and assistant/ (when one is used)."),
+    student_ratio: float = typer.Option(None, "--student-ratio", help="Student as the fraction "
+                                        "of the teacher's parameters kept, in (0, 1)."),
+    student_params: str = typer.Option(None, "--student-params", help="Student size (60M, "
+                                       "1.5e9) instead of --student-ratio."),
+    lam: float = typer.Option(0.2, "--lambda", help="Trade-off weight in P + lambda * s, in "
+                              "\\[0, 1] (MiniDisc: 0.2); larger favours sparser assistants."),
+    sparsities: str = typer.Option(None, help="Candidate sparsities in percent (default "
+                                   "0,10,...,90,85,95); those at least as sparse as the student "
+                                   "are skipped; 0 (the teacher) is always one."),
+    sandwich_steps: int = typer.Option(100, "--sandwich-steps", help="Steps of the one "
+                                       "shared-weight sandwich run."),
+    sandwich_widths: int = typer.Option(0, "--sandwich-widths", help="Widths per sandwich step: "
+                                        "0 = every candidate, else largest + smallest + random."),
+    distill_steps: int = typer.Option(100, "--distill-steps", help="Optimizer steps of each "
+                                      "distillation (teacher -> assistant, then -> student)."),
+    dev_data: str = typer.Option(None, "--dev-data", help="Text the dev metric P = 1 / "
+                                 "perplexity is measured on (default: distill's held-out split "
+                                 "of --data)."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Also distil every candidate "
+                                    "and its student (brute force) and report how the "
+                                    "sandwich's ranking agrees."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Stop after the choice: write "
+                                   "schedule.json, distil nothing."),
+    loss: str = typer.Option("fkl", help="fkl (forward KL, MiniMA), rkl, or jsd."),
+    alpha: float = typer.Option(0.5, help="Weight of the LM cross-entropy; 1 - alpha on KD."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per packed sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per step."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW, warmup then cosine)."),
+    seed: int = typer.Option(0, help="Seed for data order and the validation split."),
+    text_field: str = typer.Option("text", "--text-field", help="Field with the text in "
+                                   "jsonl/json/parquet data."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """MiniDisc's teacher-assistant schedule: nested candidates pruned from the teacher, one
+    sandwich run for every candidate's dev metric P, the assistant maximising P + lambda * s,
+    then teacher -> assistant -> student (or teacher -> student when the teacher wins)."""
+    from minima_cli.arch import format_count
+    from minima_cli.distill import DistillConfig
+    from minima_cli.schedule import describe, parse_sparsities, run_schedule
+
+    config = DistillConfig(loss=loss, alpha=alpha, seq_len=seq_len, batch_size=batch_size,
+                           lr=lr, max_steps=distill_steps, seed=seed)
+    report = run_schedule(
+        teacher_path=teacher, scores_path=scores, data=data, output=output,
+        student_ratio=student_ratio, student_params=student_params, lam=lam,
+        sparsities=parse_sparsities(sparsities) if sparsities is not None else (),
+        sandwich_steps=sandwich_steps, widths_per_step=sandwich_widths, config=config,
+        dev_data=dev_data, exhaustive=exhaustive, plan_only=plan_only, force=force,
+        progress=not quiet, text_field=text_field)
+    table = Table(title=f"assistant candidates (lambda {report['lambda']:g}, P = 1 / dev ppl)")
+    columns = ["asked", "sparsity", "params", "P", "P + lambda*s", "chosen"]
+    rows = describe(report["candidates"])
+    if "exhaustive" in report:
+        columns += ["assistant P", "student P"]
+        rows = [(*row, f"{r['assistant_P']:.4f}", f"{r['student_P']:.4f}")
+                for row, r in zip(rows, report["exhaustive"]["rows"], strict=True)]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    student = report["student"]
+    out.print(f"student {format_count(student['params'])} (s={100 * student['sparsity']:.1f}%); "
+              f"schedule: {' -> '.join(report['schedule'])}")
+    if "exhaustive" in report:
+        found = report["exhaustive"]
+        agree = found["tradeoff_vs_student"]
+        out.print(f"exhaustive: best student P {found['best_student_P']:.4f} (candidate "
+                  f"{found['best']}), chosen {found['chosen_student_P']:.4f}; Spearman "
+                  f"{agree['spearman']}, Kendall {agree['kendall']}; {found['runs']} runs in "
+                  f"{found['seconds']:.0f}s vs sandwich 1 run in "
+                  f"{report['sandwich']['seconds']:.0f}s")
+    if "result" in report:
+        out.print(f"student P {report['result']['student_P']:.4f} -> {output / 'student'}")
+    else:
+        out.print(f"plan only -> {output / 'schedule.json'}")
+
+
+EVAL_HELP = (
+    "Evaluate models: perplexity, multiple choice, generation and lm-evaluation-harness tasks, "
+    "with parameters and tokens/s per model; several models side by side, deltas against the "
+    "first. Tasks:\n\n"
+    "ppl:FILE - perplexity of a .txt (a document a line) or .jsonl/.json/.parquet (text field, "
+    "or field=NAME); documents joined with EOS, strided windows (--max-length, --stride).\n\n"
+    "mc:FILE.jsonl\\[:shots=5,dev=DEV.jsonl,style=cloze|letters] - multiple choice from "
+    "{question, choices, answer} records: log-likelihood of ' ' + choice after the question "
+    "(cloze) or of the letter after an MMLU-style listing (letters); acc and length-normalised "
+    "acc_norm as lm-eval; the shots are the first N dev records.\n\n"
+    "gen:FILE.jsonl\\[:match=exact|contains,max_tokens=32,temperature=0,top_p=1] - generation "
+    "from {prompt, answer} or chat {messages} records (the last message is the reference); "
+    "temperature 0 is greedy; outputs saved under --output.\n\n"
+    "lm-eval:NAME_OR_YAML\\[:shots=N] - any lm-evaluation-harness task (online), or a local "
+    "task YAML (offline)."
+)
+
+
+@app.command("eval", help=EVAL_HELP)
+def eval_command(
+    model: list[str] = typer.Option(..., "--model", "-m", help="Model to evaluate: HF directory "
+                                    "or .gguf file, optionally NAME=PATH; repeat to compare "
+                                    "models side by side (deltas against the first)."),
+    task: list[str] = typer.Option(..., "--task", "-t", help="Repeatable: KIND:TARGET with "
+                                   "optional :key=value,... (the kinds are listed above)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Directory to write results.json, "
+                                "generations/*.jsonl and minima.json (atomically)."),
+    backend: str = typer.Option("minima", help="minima, or lm-eval: mc tasks run through "
+                                "lm-evaluation-harness (a generated local task) and a bare "
+                                "--task NAME is a harness task. ppl and gen always run in "
+                                "minima."),
+    max_length: int = typer.Option(None, "--max-length", help="Tokens the model reads at once "
+                                   "(default: its max_position_embeddings, at most 2048)."),
+    stride: int = typer.Option(None, help="Perplexity window step in tokens, 1..max-length "
+                               "(default: max-length / 2): each token is scored once, with the "
+                               "context of the first window that holds it after its start; "
+                               "stride = max-length scores independent chunks."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    limit: int = typer.Option(None, help="Evaluate only the first N items (documents for ppl) "
+                              "of each task."),
+    seed: int = typer.Option(0, help="Seed for sampled generation and the harness."),
+    dtype: DType = typer.Option(DType.auto, help="Weights dtype (auto: as stored)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Evaluate models side by side (the task syntax is in EVAL_HELP)."""
+    from minima_cli.evaluate import EvalConfig, run_eval, table_rows
+
+    config = EvalConfig(backend=backend, max_length=max_length, stride=stride,
+                        batch_size=batch_size, limit=limit, seed=seed)
+    results = run_eval(models=model, tasks=task, config=config, output=output, force=force,
+                       dtype=torch_dtype(dtype), device=device, progress=not quiet)
+    names = [m["name"] for m in results["models"]]
+    table = Table(title="minima eval" + (f" -> {output}" if output else ""))
+    table.add_column("task")
+    table.add_column("metric")
+    for index, name in enumerate(names):
+        table.add_column(name if index == 0 else f"{name} (vs first)", justify="right")
+    for row in table_rows(results["models"]):
+        table.add_row(*row)
+    out.print(table)
+
+
+def read_points(path: Path, what: str, *, sweeps: bool = False) -> list[list[float]]:
+    """A JSON list of numeric rows, e.g. [[3e9, 7.5e9], ...]; one clear line if it is not. With
+    `sweeps`, a capacity-gap sweep report (bench/capacity_gap_sweep.py) is its one law point."""
     import json
 
     try:
@@ -260,6 +538,10 @@ def read_points(path: Path, what: str) -> list[list[float]]:
         raise MinimaError(f"{what}: file not found: {path}") from None
     except json.JSONDecodeError as error:
         raise MinimaError(f"{what}: {path} is not JSON ({error})") from None
+    if sweeps and isinstance(rows, dict) and "law_point" in rows:
+        from minima_cli.laws import sweep_law_point
+
+        rows = [sweep_law_point(rows, f"{what} {path}")]
     if not isinstance(rows, list) or not all(
             isinstance(r, list) and all(isinstance(v, int | float) for v in r) for r in rows):
         raise MinimaError(f"{what}: {path} must hold a JSON list of numeric rows")
@@ -282,8 +564,9 @@ def plan(
                                  " pick one for --student and say why."),
     law: str = typer.Option(None, help="Capacity-gap law 'slope=2.498,intercept=-11.498e6' "
                             "(sizes in parameters; default: MiniMA's fit, R^2 0.996)."),
-    law_points: Path = typer.Option(None, "--law-points", help="Fit the law instead from a "
-                                    "JSON list of \\[student, best teacher] pairs (a sweep)."),
+    law_points: str = typer.Option(None, "--law-points", help="Fit the law instead from JSON "
+                                   "files, comma-separated: lists of \\[student, best teacher] "
+                                   "pairs, or capacity-gap sweep reports (one pair each)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """The capacity-gap law (MiniMA): the best teacher is about 2.5x the student, not the
@@ -301,7 +584,9 @@ def plan(
     if law:
         gap = laws.CapacityGapLaw(**laws.parse_law_params(law, ("slope", "intercept")))
     elif law_points:
-        gap = laws.fit_capacity_gap(read_points(law_points, "--law-points"))
+        gap = laws.fit_capacity_gap([row for path in law_points.split(",")
+                                     for row in read_points(Path(path.strip()), "--law-points",
+                                                            sweeps=True)])
     result = {}
     if student is not None:
         available = [laws.parse_params(t, "--teachers") for t in teachers.split(",")] \

@@ -32,6 +32,21 @@ def test_plan_for_a_teacher_gives_a_prune_target_and_a_fitted_law_is_used(tmp_pa
     assert json.loads(out)["for_student"]["optimal_teacher"] == pytest.approx(3e9)
 
 
+def test_plan_fits_the_law_from_sweep_reports(tmp_path, capsys):
+    files = []
+    for student, best in ((1e6, 2.6e6), (4e6, 10.1e6)):  # what two sweeps would report
+        files.append(tmp_path / f"sweep-{student:g}.json")
+        files[-1].write_text(json.dumps({"law_point": [student, best], "rows": []}))
+    code, out, err = run(["plan", "--student", "2M", "--law-points",
+                          f"{files[0]},{files[1]}", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["for_student"]["optimal_teacher"] == pytest.approx(5.1e6)
+    files[1].write_text(json.dumps({"law_point": None, "verdict": "no minimum"}))
+    code, _, err = run(["plan", "--student", "2M", "--law-points", f"{files[0]},{files[1]}"],
+                       capsys)
+    assert code == 2 and "no best teacher inside its range" in err and len(err.splitlines()) == 1
+
+
 def test_density_table_and_warning(capsys):
     code, out, err = run(["density", "--teacher", "7B:0.55", "--student", "3B:0.45",
                           "--loss-law", LOSS, "--perf-law", PERF], capsys)

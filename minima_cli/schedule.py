@@ -1,0 +1,615 @@
+"""`minima schedule`: MiniDisc's teacher-assistant schedule (DESIGN.md section 5).
+
+A large teacher distils badly into a much smaller student (the capacity gap); an assistant of
+intermediate size in between can help: teacher -> assistant -> student. MiniDisc picks the
+assistant without distilling every candidate:
+
+1. Candidates are the teacher pruned to sparsities s in {0, 10, ..., 90} u {85, 95} % (only those
+   less sparse than the student count), all from one score ranking and *nested*: a narrower
+   candidate's kept units are a subset of every wider one's, so one shared-weight network runs as
+   any candidate through 0/1 masks (masks.py), and the student is a subset of every candidate.
+2. The sandwich: one copy of the teacher's weights is trained once; each step, every candidate
+   width (or, with `widths_per_step`, the largest, the smallest and random others, as sandwich
+   rules do) runs under its masks against the frozen full teacher, and the step minimises the mean
+   of their distillation losses. Each candidate's dev metric P is then read off under its masks.
+3. The choice: argmax over candidates of the lambda-trade-off `P + lambda * s` (lambda 0.2),
+   s = 1 - size / teacher size. The teacher (s = 0) means: distil directly.
+4. The chain: the assistant is the teacher pruned to its units and distilled from the teacher; the
+   student is the distilled assistant pruned further to the student's units (nesting makes this a
+   plain slice) and distilled from the assistant. Every distillation is `minima distill`'s loop
+   with the same budget. `exhaustive` runs every candidate's chain (MaxiDisc) to check the choice.
+
+The dev metric P = exp(-dev loss), i.e. 1 / perplexity: the geometric mean of the probability the
+model gives each dev token. It lies in (0, 1] as the trade-off needs, is monotone in the loss that
+distillation optimises, and needs no task labels, so any text corpus gives it.
+
+Pure pieces (candidate sparsities, nested shapes, the selection rule, rank correlations, plans in
+a pruned model's coordinates) come first; the sandwich loop and the I/O after them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minima_cli.arch import (
+    ModelShape,
+    count_parameters,
+    format_count,
+    shape_from_config,
+    shape_problem,
+)
+from minima_cli.checkpoint import (
+    ModelSource,
+    atomic_output_dir,
+    check_output,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+    write_manifest,
+)
+from minima_cli.data import pack_documents, prepare_data, read_documents, tokenize_documents
+from minima_cli.distill import DistillConfig, run_distill
+from minima_cli.errors import MinimaError
+from minima_cli.losses import distillation_loss
+from minima_cli.masks import Masks, masked
+from minima_cli.progress import step_progress
+from minima_cli.prune import (
+    PrunePlan,
+    check_scores_match,
+    plan_masks,
+    plan_prune,
+    prune_checkpoint,
+    resolve_target,
+)
+from minima_cli.score import load_scores
+from minima_cli.train_state import evaluate_loss, learning_rate, parameter_groups
+
+# MiniDisc's grid, in percent: every 10 % plus the finer steps near the sparse end.
+DEFAULT_SPARSITIES = (0, 10, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95)
+DEFAULT_LAMBDA = 0.2
+SANDWICH_LOSSES = ("fkl", "rkl", "jsd")
+
+
+# --- pure pieces ----------------------------------------------------------------------------------
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """'0,10,50' (percent) -> [0.0, 0.1, 0.5], sorted and de-duplicated; each in [0, 100)."""
+    values = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            value = float(item.rstrip("%"))
+        except ValueError:
+            raise MinimaError(f"--sparsities item {item!r} is not a number (percent)") from None
+        if not 0 <= value < 100:
+            raise MinimaError(f"--sparsities {item}: a sparsity must be in [0, 100) percent")
+        values.add(value / 100)
+    if not values:
+        raise MinimaError("--sparsities is empty")
+    return sorted(values)
+
+
+def check_lambda(lam: float) -> float:
+    if not (math.isfinite(lam) and 0 <= lam <= 1):
+        raise MinimaError(f"--lambda {lam:g} must be in [0, 1]")
+    return lam
+
+
+def dev_metric(loss: float) -> float:
+    """P = exp(-mean dev cross-entropy) = 1 / perplexity, in (0, 1]."""
+    return math.exp(-loss)
+
+
+def sparsity(params: int, teacher_params: int) -> float:
+    return 1.0 - params / teacher_params
+
+
+def contain(shape: ModelShape, inner: ModelShape, teacher: ModelShape) -> ModelShape:
+    """The smallest widening of `shape` (within `teacher`) that holds `inner` on every axis:
+    layers, hidden, ffn, kv groups and query heads per group (the two that make a GQA head set).
+    LlamaConfig also wants hidden % heads == 0, which may cost a wider hidden or more heads."""
+    base = shape.replace(layers=max(shape.layers, inner.layers), ffn=max(shape.ffn, inner.ffn))
+    needed = max(shape.hidden, inner.hidden)
+    options = []
+    for kv in range(max(shape.kv_heads, inner.kv_heads), teacher.kv_heads + 1):
+        for per_group in range(max(shape.group_size, inner.group_size), teacher.group_size + 1):
+            heads = kv * per_group
+            hidden = -(-needed // heads) * heads if base.model_type == "llama" else needed
+            option = base.replace(hidden=hidden, heads=heads, kv_heads=kv)
+            if hidden <= teacher.hidden and shape_problem(option) is None:
+                options.append(option)
+    if not options:
+        raise MinimaError(f"no shape within the teacher contains both {shape} and {inner}")
+    return min(options, key=count_parameters)
+
+
+def candidate_shapes(teacher: ModelShape, student: ModelShape, sparsities: Sequence[float],
+                     multiple_of: int = 8) -> list[tuple[float, ModelShape]]:
+    """(asked sparsity, shape) of every assistant candidate, widest first, the teacher (0) always
+    first. Only sparsities below the student's count (a candidate at least as sparse as the
+    student is no assistant). Each shape is solved like `minima prune --params` (symmetric
+    shaping), then widened just enough to contain the next narrower one, the student last, so
+    the chain teacher > ... > student is nested on every axis; repeated shapes are dropped."""
+    total = count_parameters(teacher)
+    student_sparsity = sparsity(count_parameters(student), total)
+    asked = sorted({0.0, *(s for s in sparsities if s < student_sparsity)})
+    shapes = [teacher] * len(asked)
+    inner = student
+    for i in range(len(asked) - 1, 0, -1):  # narrowest first: each must hold the one after it
+        target = round((1 - asked[i]) * total)
+        shape = contain(resolve_target(teacher, params=target, multiple_of=multiple_of), inner,
+                        teacher)
+        # Nesting may have added heads: re-solve hidden and FFN around them, to stay near the
+        # size asked (when no such shape exists, keep the widened one).
+        with contextlib.suppress(MinimaError):
+            shape = resolve_target(teacher, shape={"heads": shape.heads,
+                                                   "kv_heads": shape.kv_heads},
+                                   params=target, multiple_of=multiple_of)
+        shapes[i] = inner = contain(shape, inner, teacher)
+    kept, seen = [], {student}
+    for s, shape in zip(asked, shapes, strict=True):
+        if shape not in seen:
+            seen.add(shape)
+            kept.append((s, shape))
+    return kept
+
+
+def relative_plan(outer: PrunePlan, inner: PrunePlan) -> PrunePlan:
+    """`inner` (teacher indices, nested in `outer`) in the coordinates of the model that pruning
+    by `outer` produces: pruning that model by the result equals pruning the teacher by `inner`.
+    The pruned model keeps the plan's order (ascending; heads grouped by kept kv group)."""
+
+    def positions(kept: list[int], subset: list[int], what: str) -> list[int]:
+        index = {unit: i for i, unit in enumerate(kept)}
+        missing = [unit for unit in subset if unit not in index]
+        if missing:
+            raise MinimaError(f"plans are not nested: {what} {missing[:4]} of the inner plan are "
+                              "not kept by the outer one")
+        return [index[unit] for unit in subset]
+
+    layers = positions(outer.layers, inner.layers, "layers")
+    kv_groups, heads, ffn = [], [], []
+    for j, i in enumerate(layers):
+        layer = f"layer {inner.layers[j]}"
+        kv_groups.append(positions(outer.kv_groups[i], inner.kv_groups[j], f"{layer} kv groups"))
+        heads.append(positions(outer.heads[i], inner.heads[j], f"{layer} heads"))
+        ffn.append(positions(outer.ffn[i], inner.ffn[j], f"{layer} FFN neurons"))
+    return PrunePlan(layers=layers, hidden=positions(outer.hidden, inner.hidden, "hidden dims"),
+                     kv_groups=kv_groups, heads=heads, ffn=ffn, head_dim=inner.head_dim,
+                     notes={**inner.notes, "relative_to": "outer plan"})
+
+
+def tradeoffs(sparsities: Sequence[float], metrics: Sequence[float], lam: float) -> list[float]:
+    """MiniDisc's lambda-trade-off T = P + lambda * s of each candidate."""
+    check_lambda(lam)
+    for p in metrics:
+        if not 0 <= p <= 1:
+            raise MinimaError(f"dev metric {p:g} must be in [0, 1]")
+    return [p + lam * s for s, p in zip(sparsities, metrics, strict=True)]
+
+
+def choose_assistant(sparsities: Sequence[float], metrics: Sequence[float], lam: float,
+                     student_sparsity: float) -> tuple[int, list[float]]:
+    """Index of the candidate with the best trade-off among those less sparse than the student
+    (index of s = 0, the teacher, means distil directly), and every candidate's trade-off. Ties
+    go to the less sparse candidate: the same trade-off for less pruning."""
+    values = tradeoffs(sparsities, metrics, lam)
+    eligible = [i for i, s in enumerate(sparsities) if s < student_sparsity]
+    if not eligible:
+        raise MinimaError("no candidate is less sparse than the student")
+    return max(eligible, key=lambda i: (values[i], -sparsities[i])), values
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _pair(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise MinimaError("rank correlation needs two sequences of the same length")
+    if len(a) < 2:
+        raise MinimaError("rank correlation needs at least 2 points")
+    return a, b
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho: Pearson correlation of the (average-tie) ranks; nan when one side is
+    constant."""
+    a, b = (_ranks(v) for v in _pair(x, y))
+    a, b = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / denominator if denominator > 0 else float("nan")
+
+
+def kendall(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b (ties corrected); nan when one side is constant."""
+    a, b = _pair(x, y)
+    i, j = np.triu_indices(len(a), k=1)
+    da, db = np.sign(a[j] - a[i]), np.sign(b[j] - b[i])
+    denominator = math.sqrt(float(np.count_nonzero(da)) * float(np.count_nonzero(db)))
+    return float((da * db).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def sandwich_widths(n: int, per_step: int, rng: random.Random) -> list[int]:
+    """Candidate indices (0 = widest) trained in one sandwich step: all of them, or with
+    0 < per_step < n the sandwich rule's largest + smallest + (per_step - 2) random others."""
+    if per_step == 0 or per_step >= n:
+        return list(range(n))
+    if per_step < 2:
+        raise MinimaError(f"--sandwich-widths {per_step}: the sandwich rule trains at least the "
+                          "largest and the smallest width (2), or 0 for all")
+    return [0, *sorted(rng.sample(range(1, n - 1), per_step - 2)), n - 1]
+
+
+# --- the sandwich ---------------------------------------------------------------------------------
+
+
+def next_token_labels(batch: torch.Tensor) -> torch.Tensor:
+    """labels[i] = batch[i + 1], the last position ignored (losses.py aligns labels to logits)."""
+    return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], dim=1)
+
+
+def sandwich_step(model: torch.nn.Module, shape: ModelShape, widths: Sequence[Masks],
+                  batch: torch.Tensor, teacher_logits: torch.Tensor,
+                  config: DistillConfig, vocab_size: int) -> tuple[float, list[float]]:
+    """Accumulate the gradient of the mean over `widths` of the distillation loss of `model` run
+    under each width's masks; returns (mean loss, per-width losses). Each width is backpropagated
+    as soon as its loss is known (scaled by 1 / n), so one graph is alive at a time."""
+    labels = next_token_labels(batch)
+    losses = []
+    for masks in widths:
+        with masked(model, masks, shape):
+            loss, _ = distillation_loss(
+                model(input_ids=batch).logits, teacher_logits, labels, alpha=config.alpha,
+                kind=config.loss, temperature=config.temperature, beta=config.beta,
+                vocab_size=vocab_size)
+            (loss / len(widths)).backward()
+        losses.append(loss.item())
+    return sum(losses) / len(losses), losses
+
+
+def train_sandwich(network: torch.nn.Module, teacher: torch.nn.Module, shape: ModelShape,
+                   widths: Sequence[Masks], batches: Any, config: DistillConfig,
+                   vocab_size: int, widths_per_step: int = 0,
+                   progress: bool = False) -> list[float]:
+    """Train the shared `network` (a copy of the teacher) for `config.max_steps` sandwich steps
+    with AdamW on the warmup + cosine schedule of `minima distill`; returns the mean loss of
+    every step. `batches` yields `[batch, seq_len]` token blocks."""
+    optimizer = torch.optim.AdamW(parameter_groups(network, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.95), eps=1e-8)
+    warmup = math.ceil(config.warmup_ratio * config.max_steps)
+    rng = random.Random(config.seed)
+    history = []
+    network.train()
+    with step_progress("sandwich", config.max_steps, enabled=progress,
+                       loss=float("nan")) as bar:
+        for step in range(config.max_steps):
+            lr = learning_rate(step, peak=config.lr, total_steps=config.max_steps,
+                               warmup_steps=warmup, schedule=config.schedule,
+                               min_ratio=config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = next(batches)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch).logits
+            chosen = [widths[i] for i in sandwich_widths(len(widths), widths_per_step, rng)]
+            loss, _ = sandwich_step(network, shape, chosen, batch, teacher_logits, config,
+                                    vocab_size)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), config.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(loss)
+            bar.update(batch.numel(), loss=loss)
+    network.eval()
+    return history
+
+
+def masked_dev_loss(model: torch.nn.Module, shape: ModelShape, masks: Masks,
+                    dev: torch.Tensor, batch_size: int) -> float:
+    with masked(model, masks, shape):
+        return evaluate_loss(model, dev, batch_size)
+
+
+# --- candidates and chains on disk ----------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One assistant candidate: the teacher pruned by `plan` (the teacher itself at s = 0)."""
+
+    asked: float  # the grid sparsity it was solved for
+    shape: ModelShape
+    plan: PrunePlan
+    params: int
+    sparsity: float  # actual: 1 - params / teacher params
+
+    def row(self) -> dict[str, Any]:
+        return {"asked_sparsity": self.asked, "sparsity": self.sparsity, "params": self.params,
+                "shape": shape_widths(self.shape)}
+
+
+def shape_widths(shape: ModelShape) -> dict[str, int]:
+    return {axis: getattr(shape, axis) for axis in ("layers", "hidden", "heads", "kv_heads", "ffn")}
+
+
+def build_candidates(scores: dict[str, torch.Tensor], teacher: ModelShape, student: ModelShape,
+                     sparsities: Sequence[float]) -> tuple[list[Candidate], PrunePlan]:
+    """Nested candidates (widest first) and the student's plan, all from one ranking: local
+    priority, layers by score, so a narrower width keeps a prefix of the same ranking."""
+    total = count_parameters(teacher)
+
+    def plan(shape: ModelShape) -> PrunePlan:
+        return plan_prune(scores, teacher, shape, priority="local", layer_selection="score")
+
+    candidates = [Candidate(s, shape, plan(shape), count_parameters(shape),
+                            sparsity(count_parameters(shape), total))
+                  for s, shape in candidate_shapes(teacher, student, sparsities)]
+    student_plan = plan(student)
+    for outer, inner in zip(candidates, [*candidates[1:], None], strict=True):
+        relative_plan(outer.plan, inner.plan if inner else student_plan)  # raises unless nested
+    return candidates, student_plan
+
+
+def materialise(source: ModelSource, plan: PrunePlan, out: Path) -> Path:
+    """Write the model at `source` pruned by `plan` (in that model's coordinates) to `out`."""
+    config = load_config(source)
+    prune_checkpoint(source, config, plan, shape_from_config(config), out, progress=False)
+    return out
+
+
+def model_dev_loss(path: Path, dev: torch.Tensor, batch_size: int = 64) -> float:
+    return evaluate_loss(load_model(resolve_model(path)), dev, batch_size)
+
+
+def distil_chain(teacher: ModelSource, candidate: Candidate, student_plan: PrunePlan, data: str,
+                 config: DistillConfig, work: Path, dev: torch.Tensor, *, progress: bool,
+                 text_field: str) -> dict[str, Any]:
+    """teacher -> candidate -> student (or teacher -> student for the teacher itself), each
+    stage a `minima distill` run of `config`; returns dev losses, runs, seconds, paths."""
+    start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"runs": 0}
+    source, plan = teacher, student_plan
+    if candidate.sparsity > 0:
+        assistant = work / "assistant"
+        run_distill(teacher_path=str(teacher),
+                    student_path=str(materialise(teacher, candidate.plan, work / "assistant-init")),
+                    data=data, output=assistant, config=config, progress=progress,
+                    text_field=text_field)
+        shutil.rmtree(work / "assistant-init")
+        result.update(assistant=assistant, runs=1,
+                      assistant_dev_loss=model_dev_loss(assistant, dev, config.batch_size))
+        source, plan = resolve_model(assistant), relative_plan(candidate.plan, student_plan)
+    student = work / "student"
+    run_distill(teacher_path=str(source),
+                student_path=str(materialise(source, plan, work / "student-init")), data=data,
+                output=student, config=config, progress=progress, text_field=text_field)
+    shutil.rmtree(work / "student-init")
+    result.update(student=student, runs=result["runs"] + 1,
+                  student_dev_loss=model_dev_loss(student, dev, config.batch_size),
+                  seconds=time.perf_counter() - start)
+    return result
+
+
+def stage_config(config: DistillConfig) -> DistillConfig:
+    """A chain stage's distillation: no mid-run checkpoints and one validation at the end (a
+    stage is rerun whole, never resumed)."""
+    return replace(config, save_every=config.max_steps, eval_every=config.max_steps)
+
+
+def dev_blocks(dev_data: str | None, prepared: Any, tokenizer: Any, seq_len: int,
+               text_field: str) -> torch.Tensor:
+    """The dev set P is measured on: `dev_data` packed into seq_len blocks, or the validation
+    split `minima distill` holds out of the training data."""
+    if dev_data is None:
+        blocks = prepared.valid
+    else:
+        ids = tokenize_documents(tokenizer, read_documents(dev_data, text_field))
+        blocks = pack_documents(ids, seq_len, tokenizer.eos_token_id)
+    if len(blocks) == 0:
+        raise MinimaError(f"the dev data has less than one block of --seq-len {seq_len} tokens")
+    return blocks
+
+
+def resolve_student(teacher: ModelShape, ratio: float | None, params: str | None) -> ModelShape:
+    from minima_cli.laws import parse_params
+
+    if (ratio is None) == (params is None):
+        raise MinimaError("give exactly one of --student-ratio and --student-params")
+    if params is not None:
+        return resolve_target(teacher, params=round(parse_params(params, "--student-params")))
+    return resolve_target(teacher, ratio=ratio)
+
+
+def run_schedule(*, teacher_path: str, scores_path: str, data: str, output: Path,
+                 student_ratio: float | None = None, student_params: str | None = None,
+                 lam: float = DEFAULT_LAMBDA, sparsities: Sequence[float] = (),
+                 sandwich_steps: int = 100, widths_per_step: int = 0,
+                 config: DistillConfig | None = None, dev_data: str | None = None,
+                 exhaustive: bool = False, plan_only: bool = False, force: bool = False,
+                 progress: bool = True, text_field: str = "text") -> dict[str, Any]:
+    """Schedule (and unless `plan_only`, run) the distillation chain into `output`:
+    `schedule.json`, `minima.json`, `student/` and, when an assistant wins, `assistant/`.
+    `config` is every distillation's (`max_steps` each); the sandwich shares its optimiser
+    settings for `sandwich_steps` steps."""
+    config = stage_config(config or DistillConfig())
+    config.check()
+    if config.loss not in SANDWICH_LOSSES:  # the sandwich compares full teacher distributions
+        raise MinimaError(f"--loss {config.loss}: schedule uses {', '.join(SANDWICH_LOSSES)}")
+    check_lambda(lam)
+    if sandwich_steps <= 0:
+        raise MinimaError(f"--sandwich-steps must be positive, got {sandwich_steps}")
+    sandwich_widths(3, widths_per_step, random.Random(0))  # rejects 1 before the slow work
+    if exhaustive and plan_only:
+        raise MinimaError("--exhaustive distils every candidate: it cannot be --plan-only")
+    grid = list(sparsities) or [s / 100 for s in DEFAULT_SPARSITIES]
+    check_output(output, force)
+    source = resolve_model(teacher_path)
+    scores, score_manifest = load_scores(scores_path)
+    teacher_shape = shape_from_config(load_config(source))
+    check_scores_match(scores, score_manifest, source, teacher_shape)
+    student_shape = resolve_student(teacher_shape, student_ratio, student_params)
+    candidates, student_plan = build_candidates(scores, teacher_shape, student_shape, grid)
+    total = count_parameters(teacher_shape)
+    student_sparsity = sparsity(count_parameters(student_shape), total)
+    tokenizer = load_tokenizer(source)
+    prepared = prepare_data(data, tokenizer, seq_len=config.seq_len, seed=config.seed,
+                            valid_fraction=config.valid_fraction, text_field=text_field)
+    dev = dev_blocks(dev_data, prepared, tokenizer, config.seq_len, text_field)
+
+    started = time.perf_counter()
+    losses, history = sandwich_dev_losses(source, teacher_shape, candidates, prepared, dev,
+                                          replace(config, max_steps=sandwich_steps),
+                                          len(tokenizer), widths_per_step, progress)
+    sandwich_seconds = time.perf_counter() - started
+    metrics = [dev_metric(loss) for loss in losses]
+    chosen, values = choose_assistant([c.sparsity for c in candidates], metrics, lam,
+                                      student_sparsity)
+    report: dict[str, Any] = {
+        "teacher": {"path": str(source), "params": total, "P": metrics[0]},
+        "student": {"params": count_parameters(student_shape), "sparsity": student_sparsity,
+                    "shape": shape_widths(student_shape)},
+        "lambda": lam, "metric": "P = exp(-dev loss) = 1 / dev perplexity",
+        "candidates": [{**c.row(), "dev_loss": loss, "P": p, "tradeoff": t, "chosen": i == chosen}
+                       for i, (c, loss, p, t) in enumerate(zip(candidates, losses, metrics,
+                                                               values, strict=True))],
+        "chosen": chosen,
+        "schedule": ["teacher", *([f"assistant (s={100 * candidates[chosen].sparsity:.1f}%)"]
+                                  if chosen else []), "student"],
+        "sandwich": {"steps": sandwich_steps, "runs": 1, "seconds": sandwich_seconds,
+                     "widths_per_step": widths_per_step or len(candidates),
+                     "first_loss": history[0], "last_loss": history[-1]},
+        "skipped_sparsities": [s for s in grid if s >= student_sparsity],
+    }
+    with atomic_output_dir(output, force=force) as tmp:
+        if not plan_only:
+            work = tmp / "work"
+
+            def chain(i: int) -> dict[str, Any]:
+                return distil_chain(source, candidates[i], student_plan, data, config,
+                                    work / f"c{i}", dev, progress=progress,
+                                    text_field=text_field)
+
+            if exhaustive:
+                chains = []
+                for i in range(len(candidates)):
+                    chains.append(chain(i))
+                    if i != chosen:  # only the chosen chain's models are kept
+                        shutil.rmtree(work / f"c{i}")
+                report["exhaustive"] = exhaustive_report(candidates, chains, values, metrics,
+                                                         chosen)
+                result = chains[chosen]  # the very computation the chosen schedule runs
+            else:
+                result = chain(chosen)
+            for name in ("assistant", "student"):
+                if name in result:
+                    result[name].rename(tmp / name)
+            shutil.rmtree(work)
+            report["result"] = {
+                "runs": result["runs"], "seconds": result["seconds"],
+                "student_P": dev_metric(result["student_dev_loss"]),
+                "assistant_P": (dev_metric(result["assistant_dev_loss"])
+                                if "assistant_dev_loss" in result else None)}
+        report["wall_time_s"] = time.perf_counter() - started
+        write_json(tmp / "schedule.json", report)
+        write_manifest(
+            tmp, "schedule",
+            inputs={"teacher": {"path": str(source), "fingerprint": model_fingerprint(source)},
+                    "scores": {"path": str(scores_path)}, "data": prepared.summary()},
+            config={"lambda": lam, "sparsities": grid, "student_ratio": student_ratio,
+                    "student_params": student_params, "sandwich_steps": sandwich_steps,
+                    "widths_per_step": widths_per_step, "exhaustive": exhaustive,
+                    "plan_only": plan_only, "dev_data": dev_data, "distill": asdict(config)},
+            metrics={"chosen": chosen, "schedule": report["schedule"],
+                     **report.get("result", {})},
+            wall_time_s=report["wall_time_s"])
+    return report
+
+
+def sandwich_dev_losses(source: ModelSource, shape: ModelShape, candidates: Sequence[Candidate],
+                        prepared: Any, dev: torch.Tensor, config: DistillConfig,
+                        vocab_size: int, widths_per_step: int,
+                        progress: bool) -> tuple[list[float], list[float]]:
+    """One sandwich run from the teacher's weights; (dev loss of each candidate, step losses).
+    The teacher candidate is the real, frozen teacher; the others are read off the shared
+    network under their masks."""
+    torch.manual_seed(config.seed)
+    teacher = load_model(source).requires_grad_(False)
+    network = load_model(source)
+    masks = [plan_masks(c.plan, shape) for c in candidates]
+    history = train_sandwich(network, teacher, shape, masks, prepared.stream(config.batch_size),
+                             config, vocab_size, widths_per_step, progress)
+    losses = [evaluate_loss(teacher, dev, config.batch_size)]
+    losses += [masked_dev_loss(network, shape, m, dev, config.batch_size) for m in masks[1:]]
+    return losses, history
+
+
+def exhaustive_report(candidates: Sequence[Candidate], chains: Sequence[dict[str, Any]],
+                      values: Sequence[float], metrics: Sequence[float],
+                      chosen: int) -> dict[str, Any]:
+    """MaxiDisc: every candidate's chain run; does the sandwich's ranking agree with it?"""
+    students = [dev_metric(c["student_dev_loss"]) for c in chains]
+    assistants = [dev_metric(c["assistant_dev_loss"]) if "assistant_dev_loss" in c else metrics[0]
+                  for c in chains]
+    best = max(range(len(students)), key=lambda i: (students[i], -candidates[i].sparsity))
+
+    def agreement(x: Sequence[float], y: Sequence[float]) -> dict[str, float | None]:
+        if len(x) < 2:
+            return {"spearman": None, "kendall": None}
+        rho, tau = spearman(x, y), kendall(x, y)
+        return {"spearman": None if math.isnan(rho) else rho,
+                "kendall": None if math.isnan(tau) else tau}
+
+    return {
+        "rows": [{"sparsity": c.sparsity, "assistant_P": a, "student_P": s, "runs": ch["runs"],
+                  "seconds": ch["seconds"]}
+                 for c, a, s, ch in zip(candidates, assistants, students, chains, strict=True)],
+        "best": best,
+        "chosen_student_P": students[chosen],
+        "best_student_P": students[best],
+        "runs": sum(c["runs"] for c in chains),
+        "seconds": sum(c["seconds"] for c in chains),
+        # the selection criterion against what it predicts, and the sandwich's P as a proxy for
+        # separately distilled assistants
+        "tradeoff_vs_student": agreement(values, students),
+        "sandwich_P_vs_assistant_P": agreement(metrics, assistants),
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    import json
+
+    def default(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"not JSON-able: {type(value).__name__}")
+
+    path.write_text(json.dumps(obj, indent=2, default=default) + "\n")
+
+
+def describe(candidates_rows: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Table rows: asked %, actual %, params, P, P + lambda s, chosen mark."""
+    return [(f"{100 * r['asked_sparsity']:g}%", f"{100 * r['sparsity']:.1f}%",
+             format_count(r["params"]), f"{r['P']:.4f}", f"{r['tradeoff']:.4f}",
+             "<-" if r["chosen"] else "") for r in candidates_rows]
