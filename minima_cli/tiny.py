@@ -4,6 +4,8 @@ Tests, the demo and the benchmarks use it instead of a hub model. The corpus has
 structure (a fact table about invented entities, arithmetic with number words, counting, and a
 small grammar), so a ~200k-parameter model's loss drops clearly within a couple of hundred steps
 (about 6.3 -> 1.4 with the defaults), and pruning or distilling it has a measurable effect.
+Its evaluation sets (multiple choice and chat, `make_mc_sets` / `make_chat_sets`) make
+`minima eval` meaningful offline.
 """
 
 from __future__ import annotations
@@ -102,9 +104,7 @@ def make_facts(seed: int = 0, n_entities: int = 48) -> list[dict]:
     names: list[str] = []
     seen: set[str] = set()
     while len(names) < n_entities:
-        syllables = rng.randint(2, 3)
-        name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
-        name += rng.choice(_CODAS)
+        name = _invented_name(rng)
         if name not in seen:  # unique, so every question has one right answer
             seen.add(name)
             names.append(name)
@@ -113,6 +113,12 @@ def make_facts(seed: int = 0, n_entities: int = 48) -> list[dict]:
         for name in names
         for attribute, values in ATTRIBUTE_VALUES.items()
     ]
+
+
+def _invented_name(rng: random.Random) -> str:
+    syllables = rng.randint(2, 3)
+    name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+    return name + rng.choice(_CODAS)
 
 
 def fact_sentence(fact: dict, rng: random.Random) -> str:
@@ -195,6 +201,204 @@ def make_corpus(n_documents: int, seed: int = 0, *, facts: list[dict] | None = N
                     sentences.append(rng.choice(fillers)(rng))
         documents.append(" ".join(sentences))
     return documents
+
+
+# --- evaluation sets ------------------------------------------------------------------------------
+# Multiple choice in minima's MMLU-style records (question, choices, answer index, category),
+# cloze-style: the question is a prefix of a corpus sentence and each choice its next word.
+MC_CHOICES = 4
+
+
+def _choices(rng: random.Random, correct: str, pool: tuple[str, ...] | list[str]) -> dict:
+    """`MC_CHOICES` distinct options, the right one at a random position."""
+    options = rng.sample([p for p in pool if p != correct], MC_CHOICES - 1) + [correct]
+    rng.shuffle(options)
+    return {"choices": options, "answer": options.index(correct)}
+
+
+# Templates whose value ends the sentence, so the words before it already name the attribute
+# ("senapas is ..." could go on with a colour or a size).
+ASKABLE_TEMPLATES = {attribute: tuple(t for t in templates if t.endswith("{v}."))
+                     for attribute, templates in FACT_TEMPLATES.items()}
+
+
+def _prompt_of(template: str, entity: str) -> str:
+    """A fact template cut just before its value: "the colour of {e} is {v}." -> "the colour of
+    bazo is"."""
+    return template.format(e=entity, v="\0").split("\0")[0].rstrip()
+
+
+def _arithmetic_question(rng: random.Random) -> tuple[str, str]:
+    if rng.random() < 0.6:
+        a, b = rng.randint(0, 10), rng.randint(0, 10)
+        return f"{NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]} is", NUMBER_WORDS[a + b]
+    a = rng.randint(0, 20)
+    b = rng.randint(0, a)
+    return f"{NUMBER_WORDS[a]} minus {NUMBER_WORDS[b]} is", NUMBER_WORDS[a - b]
+
+
+def _counting_question(rng: random.Random) -> tuple[str, str]:
+    """A counting run cut before its next number: "counting down: nine eight seven" -> "six"."""
+    length = rng.randint(2, 4)
+    if rng.random() < 0.6:
+        start = rng.randint(0, len(NUMBER_WORDS) - 1 - length)
+        words = NUMBER_WORDS[start : start + length + 1]
+        return f"counting up: {' '.join(words[:-1])}", words[-1]
+    start = rng.randint(length, len(NUMBER_WORDS) - 1)
+    words = NUMBER_WORDS[start - length : start + 1][::-1]
+    return f"counting down: {' '.join(words[:-1])}", words[-1]
+
+
+# Grammar questions: a sentence prefix, the word class that must come next, and three classes
+# that cannot (mixed lengths, so a model that merely prefers short words is not rewarded).
+_GRAMMAR_SLOTS = (
+    ("np_start", "noun", ("verb", "ivp", "prep")),
+    ("np", "verb_any", ("det", "adj", "prep")),
+    ("np_verb", "det", ("noun", "ivp", "adv")),
+)
+
+
+def _grammar_question(rng: random.Random) -> tuple[str, str, list[str]]:
+    """(prefix, the right next word, three wrong ones) from the corpus grammar."""
+    prefix_kind, right, wrong = rng.choice(_GRAMMAR_SLOTS)
+    adj = f"{rng.choice(_GRAMMAR['adj'])} " if rng.random() < 0.5 else ""
+    prefix = f"{rng.choice(_GRAMMAR['det'])} {adj}"
+    if prefix_kind != "np_start":
+        prefix += rng.choice(_GRAMMAR["noun"])
+    if prefix_kind == "np_verb":
+        prefix += f" {rng.choice(_GRAMMAR['verb'])}"
+    words = {**_GRAMMAR, "verb_any": _GRAMMAR["verb"] + _GRAMMAR["ivp"]}
+    return prefix.rstrip(), rng.choice(words[right]), [rng.choice(words[k]) for k in wrong]
+
+
+def skill_question(category: str, rng: random.Random) -> dict:
+    """One question the 200-step teacher answers well above chance. counting / arithmetic: the
+    next number word; grammar: the one next word that the corpus grammar allows."""
+    if category == "grammar":
+        question, answer, wrong = _grammar_question(rng)
+        options = wrong + [answer]
+        rng.shuffle(options)
+        return {"question": question, "choices": options, "answer": options.index(answer),
+                "category": category}
+    question, answer = (_counting_question if category == "counting" else _arithmetic_question)(rng)
+    return {"question": question, **_choices(rng, answer, NUMBER_WORDS), "category": category}
+
+
+def _fact(category: str, rng: random.Random, facts: list[dict]) -> tuple[str, str, str, str]:
+    """(context, entity, attribute, value). memorised: a fact of the table with no context (only
+    pre-training can have taught it); in_context: a new entity whose fact the context states."""
+    if category == "memorised":
+        fact = rng.choice(facts)
+        return "", fact["entity"], fact["attribute"], fact["value"]
+    known = {f["entity"] for f in facts}
+    entity = _invented_name(rng)
+    while entity in known:
+        entity = _invented_name(rng)
+    attribute = rng.choice(list(ATTRIBUTE_VALUES))
+    value = rng.choice(ATTRIBUTE_VALUES[attribute])
+    # stated in a template that leaves another one to ask in (size has a single askable one)
+    stated = rng.choice([t for t in FACT_TEMPLATES[attribute]
+                         if set(ASKABLE_TEMPLATES[attribute]) - {t}]).format(e=entity, v=value)
+    return stated, entity, attribute, value
+
+
+def fact_question(category: str, rng: random.Random, facts: list[dict]) -> dict:
+    """A fact asked in a template that ends with the value; an in-context fact in a template
+    other than the one that stated it, so copying the sentence is not enough."""
+    context, entity, attribute, value = _fact(category, rng, facts)
+    templates = [t for t in ASKABLE_TEMPLATES[attribute]
+                 if t.format(e=entity, v=value) != context]
+    question = _prompt_of(rng.choice(templates), entity)
+    return {"question": f"{context} {question}".lstrip(),
+            **_choices(rng, value, ATTRIBUTE_VALUES[attribute]), "category": category}
+
+
+SKILL_CATEGORIES = ("counting", "arithmetic", "grammar")
+FACT_CATEGORIES = ("memorised", "in_context")
+
+
+def make_mc_sets(facts: list[dict], seed: int = 0, *, n_test: int = 100, n_dev: int = 5
+                 ) -> dict[str, list[dict]]:
+    """The tiny world's multiple-choice sets: `eval_mc` (skills the teacher has learned:
+    counting, arithmetic, grammar), `eval_facts_mc` (memorised and in-context facts, near chance
+    for the 200-step teacher), and a `_dev` set of each for few-shot examples. `n_test` / `n_dev`
+    questions per category, categories interleaved (so the first N shots mix them), no question
+    in both a test and its dev set."""
+    rng = random.Random(f"eval-mc-{seed}")
+    sets: dict[str, list[dict]] = {}
+    for name, categories, make in (
+        ("eval_mc", SKILL_CATEGORIES, lambda c: skill_question(c, rng)),
+        ("eval_facts_mc", FACT_CATEGORIES, lambda c: fact_question(c, rng, facts)),
+    ):
+        seen: set[str] = set()
+        for split, n in ((f"{name}_dev", n_dev), (name, n_test)):
+            rows = []
+            for _ in range(n):
+                for category in categories:
+                    question = make(category)
+                    for _ in range(100):  # a few question spaces are small: retry duplicates
+                        if question["question"] not in seen:
+                            break
+                        question = make(category)
+                    seen.add(question["question"])
+                    rows.append(question)
+            sets[split] = rows
+    return sets
+
+
+CHAT_QUESTIONS = {
+    "colour": "what colour is {e}?",
+    "city": "where does {e} live?",
+    "food": "what does {e} like to eat?",
+    "size": "how big is {e}?",
+    "pet": "what pet does {e} have?",
+}
+CHAT_CATEGORIES = ("arithmetic", "count", "in_context", "memorised")
+
+
+def chat_example(category: str, rng: random.Random, facts: list[dict]) -> dict:
+    """One conversation in the `messages` format whose answer is a word or a counting run, so
+    `minima eval` can score it by exact match."""
+    if category == "arithmetic":
+        question, answer = _arithmetic_question(rng)
+        user = f"what is {question.removesuffix(' is')}?"
+    elif category == "count":
+        start = rng.randint(0, len(NUMBER_WORDS) - 3)
+        end = rng.randint(start + 2, min(start + 5, len(NUMBER_WORDS) - 1))
+        user = f"count from {NUMBER_WORDS[start]} to {NUMBER_WORDS[end]}."
+        answer = " ".join(NUMBER_WORDS[start : end + 1])
+    else:
+        context, entity, attribute, answer = _fact(category, rng, facts)
+        user = f"{context} {CHAT_QUESTIONS[attribute].format(e=entity)}".lstrip()
+    return {"messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": answer}], "category": category}
+
+
+def make_chat_sets(facts: list[dict], seed: int = 0, *, n_train: int = 1000, n_eval: int = 100
+                   ) -> dict[str, list[dict]]:
+    """`chat_train` and `chat_eval` conversations, categories in turn; no eval question appears
+    in training (training may repeat a question: some categories have few distinct ones)."""
+    rng = random.Random(f"chat-{seed}")
+    sets: dict[str, list[dict]] = {}
+    held_out: set[str] = set()
+    for split, n in (("chat_eval", n_eval), ("chat_train", n_train)):
+        rows: list[dict] = []
+        for attempt in range(100 * n + 100):  # noqa: B007 - reported below
+            if len(rows) == n:
+                break
+            example = chat_example(CHAT_CATEGORIES[len(rows) % len(CHAT_CATEGORIES)], rng, facts)
+            question = example["messages"][0]["content"]
+            if split == "chat_eval":
+                if question in held_out:
+                    continue
+                held_out.add(question)
+            elif question in held_out:
+                continue
+            rows.append(example)
+        if len(rows) < n:
+            raise MinimaError(f"cannot draw {n} distinct {split} conversations ({attempt} tries)")
+        sets[split] = rows
+    return sets
 
 
 def train_tokenizer(
@@ -326,7 +530,7 @@ def pretrain(
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Run with `n` intra-op threads. Matrices this small gain nothing from more threads, and on
     a busy 2-core machine OpenMP threads spinning against other processes made the build up to 8x
     slower (180 s instead of 22 s)."""
@@ -352,8 +556,10 @@ def build_tiny_world(
     """Build corpus, tokenizer and a pretrained tiny teacher into the existing `output_dir`.
 
     Writes `teacher/` (HF model + tokenizer + generation config, safetensors), `data/train.txt`
-    and `data/valid.txt` (one document per line; valid is ~5 % held out) and `data/facts.jsonl`.
-    Returns a JSON-able summary for the caller's manifest.
+    and `data/valid.txt` (one document per line; valid is ~5 % held out), `data/facts.jsonl`,
+    the multiple-choice sets `data/eval_mc.jsonl` and `data/eval_facts_mc.jsonl` with their
+    `_dev` shots (`make_mc_sets`), and chat data `data/chat_train.jsonl` / `chat_eval.jsonl`
+    (`make_chat_sets`). Returns a JSON-able summary for the caller's manifest.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -388,7 +594,7 @@ def build_tiny_world(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    with _torch_threads(1):
+    with torch_threads(1):
         losses = pretrain(model, train_blocks, steps=steps, seed=seed, progress=progress)
         valid_loss = evaluate_loss(model, valid_blocks)
 
@@ -410,6 +616,11 @@ def build_tiny_world(
     (data_dir / "facts.jsonl").write_text(
         "".join(json.dumps(f) + "\n" for f in facts), encoding="utf-8"
     )
+    eval_sets = {**make_mc_sets(facts, seed), **make_chat_sets(facts, seed)}
+    for name, rows in eval_sets.items():
+        (data_dir / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+        )
 
     tail = losses[-10:]  # one step's loss is noisy: report the mean of the last ten
     return {
@@ -417,6 +628,7 @@ def build_tiny_world(
         "train": str(data_dir / "train.txt"),
         "valid": str(data_dir / "valid.txt"),
         "facts": str(data_dir / "facts.jsonl"),
+        **{name: str(data_dir / f"{name}.jsonl") for name in eval_sets},
         "seed": seed,
         "gqa": gqa,
         "tied": tied,

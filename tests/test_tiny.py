@@ -12,14 +12,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from minima_cli.errors import MinimaError
 from minima_cli.tiny import (
+    _GRAMMAR,
+    ASKABLE_TEMPLATES,
     ATTRIBUTE_VALUES,
+    CHAT_QUESTIONS,
     FACT_TEMPLATES,
     IM_END,
     IM_START,
     NUMBER_WORDS,
     build_tiny_world,
+    make_chat_sets,
     make_corpus,
     make_facts,
+    make_mc_sets,
     pretrain,
     tiny_llama_config,
     train_tokenizer,
@@ -72,6 +77,94 @@ def test_make_corpus_states_only_true_facts_and_correct_sums() -> None:
     for a, op, b, c in sums:
         expected = number[a] + number[b] if op == "plus" else number[a] - number[b]
         assert number[c] == expected
+
+
+NUMBER = {word: i for i, word in enumerate(NUMBER_WORDS)}
+
+
+def _entity(text: str, templates) -> str:
+    """The entity a question built from one of `templates` asks about."""
+    for template in templates:
+        prefix = template.split("{v}")[0].rstrip() if "{v}" in template else template
+        pattern = re.escape(prefix).replace(re.escape("{e}"), r"(\w+)")
+        found = re.fullmatch(pattern, text)
+        if found:
+            return found.group(1)
+    raise AssertionError(f"no template asks {text!r}")
+
+
+def _sum_answer(question: str) -> int:
+    a, op, b = re.fullmatch(r"(?:what is )?(\w+) (plus|minus) (\w+)(?: is|\?)", question).groups()
+    return NUMBER[a] + NUMBER[b] if op == "plus" else NUMBER[a] - NUMBER[b]
+
+
+def test_mc_sets_are_deterministic_answerable_and_disjoint() -> None:
+    facts = make_facts(0)
+    table = {(f["entity"], f["value"]) for f in facts}
+    entities = {f["entity"] for f in facts}
+    sets = make_mc_sets(facts, seed=0)
+    assert sets == make_mc_sets(facts, seed=0) != make_mc_sets(facts, seed=1)
+    assert {k: len(v) for k, v in sets.items()} == {
+        "eval_mc_dev": 15, "eval_mc": 300, "eval_facts_mc_dev": 10, "eval_facts_mc": 200}
+    for name in ("eval_mc", "eval_facts_mc"):
+        dev_questions = {q["question"] for q in sets[f"{name}_dev"]}
+        assert not dev_questions & {q["question"] for q in sets[name]}
+    # the first shots mix the categories
+    assert [q["category"] for q in sets["eval_mc_dev"][:3]] == ["counting", "arithmetic",
+                                                                "grammar"]
+    for question in [q for rows in sets.values() for q in rows]:
+        choices, answer, text = question["choices"], question["answer"], question["question"]
+        assert len(choices) == len(set(choices)) == 4 and 0 <= answer < 4
+        right = choices[answer]
+        if question["category"] == "arithmetic":
+            assert NUMBER[right] == _sum_answer(text)
+        elif question["category"] == "counting":
+            *_, last = text.split()
+            assert NUMBER[right] == NUMBER[last] + (1 if "up" in text else -1)
+        elif question["category"] == "grammar":  # exactly one choice may come next
+            last = text.split()[-1]
+            allowed = (_GRAMMAR["noun"] if last in _GRAMMAR["det"] + _GRAMMAR["adj"] else
+                       _GRAMMAR["verb"] + _GRAMMAR["ivp"] if last in _GRAMMAR["noun"] else
+                       _GRAMMAR["det"])
+            assert last in _GRAMMAR["det"] + _GRAMMAR["adj"] + _GRAMMAR["noun"] + _GRAMMAR["verb"]
+            assert [c for c in choices if c in allowed] == [right]
+        elif question["category"] == "memorised":
+            askable = [t for ts in ASKABLE_TEMPLATES.values() for t in ts]
+            assert (_entity(text, askable), right) in table
+        else:  # in_context: a new entity, its fact stated first, then asked another way
+            stated, asked = text.split(". ")
+            entity = _entity(asked, [t for ts in ASKABLE_TEMPLATES.values() for t in ts])
+            assert entity not in entities
+            assert f"{stated}." in [t.format(e=entity, v=right)
+                                    for ts in FACT_TEMPLATES.values() for t in ts]
+            assert stated not in asked
+
+
+def test_chat_sets_hold_out_eval_questions() -> None:
+    facts = make_facts(0)
+    table = {(f["entity"], f["value"]) for f in facts}
+    sets = make_chat_sets(facts, seed=0, n_train=200, n_eval=40)
+    assert sets == make_chat_sets(facts, seed=0, n_train=200, n_eval=40)
+    assert (len(sets["chat_train"]), len(sets["chat_eval"])) == (200, 40)
+    eval_questions = {c["messages"][0]["content"] for c in sets["chat_eval"]}
+    assert len(eval_questions) == 40
+    assert not eval_questions & {c["messages"][0]["content"] for c in sets["chat_train"]}
+    for conversation in sets["chat_train"] + sets["chat_eval"]:
+        user, assistant = conversation["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        if conversation["category"] == "arithmetic":
+            assert NUMBER[assistant["content"]] == _sum_answer(user["content"])
+        elif conversation["category"] == "count":
+            start, end = re.fullmatch(r"count from (\w+) to (\w+)\.", user["content"]).groups()
+            assert assistant["content"] == " ".join(NUMBER_WORDS[NUMBER[start]:NUMBER[end] + 1])
+        elif conversation["category"] == "memorised":
+            entity = _entity(user["content"], CHAT_QUESTIONS.values())
+            assert (entity, assistant["content"]) in table
+        else:
+            stated, asked = user["content"].split(". ")
+            entity = _entity(asked, CHAT_QUESTIONS.values())
+            assert f"{stated}." in [t.format(e=entity, v=assistant["content"])
+                                    for ts in FACT_TEMPLATES.values() for t in ts]
 
 
 def test_train_tokenizer_specials_and_round_trip() -> None:
@@ -156,6 +249,10 @@ def test_build_tiny_world_small(tmp_path: Path) -> None:
     assert train + valid == make_corpus(300, seed=0)
     facts = [json.loads(line) for line in Path(summary["facts"]).read_text().splitlines()]
     assert facts == make_facts(seed=0)
+    written = {**make_mc_sets(facts, 0), **make_chat_sets(facts, 0)}
+    for name, rows in written.items():
+        lines = Path(summary[name]).read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows
 
     teacher = Path(summary["teacher"])
     assert (teacher / "model.safetensors").is_file()
