@@ -706,6 +706,7 @@ class MixedBlockStream:
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _MIX])))
         self.blocks_served = 0
         self.batches_served = 0
+        self.last_picks: list[tuple[int, int]] = []
 
     def fingerprint(self) -> str:
         return self._fingerprint
@@ -718,6 +719,7 @@ class MixedBlockStream:
         draws = np.searchsorted(self._cumulative, self._rng.random(n), side="right")
         picks = [self._take(min(int(i), len(self.blocks) - 1)) for i in draws]
         mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        self.last_picks = mine  # (source, row) of each block: keys into an offline teacher cache
         self.blocks_served += n
         self.batches_served += 1
         return torch.stack([self.blocks[source][row] for source, row in mine]).long()

@@ -1,21 +1,17 @@
 """`minima distill`: knowledge distillation from a full teacher into a (pruned) student.
 
-Single process for now (CPU or one GPU); accelerate/DeepSpeed ZeRO come next. Per micro-batch:
-teacher forward under no_grad, student forward, the chunked loss
-`alpha * CE + (1 - alpha) * KD` (losses.py), backward; every `grad_accum` micro-batches a
-clipped AdamW step on the warmup + cosine schedule. The run directory `OUTPUT.run/` holds the
-checkpoints (every `save_every` steps, the last `keep_last` kept) and `log.jsonl`; `--resume`
-continues from the newest checkpoint exactly (weights, optimizer, RNGs, data position). The final
-student is written atomically to OUTPUT as a standard HF directory, then the run dir is removed.
+Per micro-batch: the teacher's logits (forward under no_grad, or its top-k read from an offline
+`minima cache-teacher` directory), the student's forward, and the chunked loss
+`alpha * CE + (1 - alpha) * KD` (losses.py) plus, optionally, `hidden_weight` times the MSE of
+mapped hidden states (for a pruned student: against the teacher's states on the kept hidden dims,
+which the prune manifest records). The loop itself (schedule, accumulation, checkpoints, exact
+resume, DeepSpeed ZeRO, logs) is train.py's. The final student is written atomically to OUTPUT as
+a standard HF directory; `OUTPUT.run/` (checkpoints, log, token cache) is removed on success.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,75 +20,65 @@ import torch
 
 from minima_cli.arch import shape_from_config
 from minima_cli.checkpoint import (
-    atomic_output_dir,
+    MANIFEST,
+    ModelSource,
     check_output,
     copy_tokenizer_files,
     load_config,
     load_model,
     load_tokenizer,
     model_fingerprint,
-    quiet_transformers,
+    read_manifest,
     resolve_model,
     write_manifest,
 )
 from minima_cli.data import prepare_data
 from minima_cli.errors import MinimaError
-from minima_cli.losses import distillation_loss
-from minima_cli.progress import step_progress
-from minima_cli.train_state import (
-    evaluate_loss,
-    learning_rate,
-    list_checkpoints,
-    load_training_checkpoint,
-    parameter_groups,
-    save_training_checkpoint,
+from minima_cli.losses import (
+    IGNORE_INDEX,
+    KINDS,
+    TOPK_MODES,
+    TopK,
+    distillation_loss,
+    hidden_state_mse,
 )
+from minima_cli.teacher_cache import TeacherCache, teacher_topk
+from minima_cli.train import TrainConfig, open_session, save_final_model, train
+from minima_cli.train_state import list_checkpoints
 
-LOSSES = ("fkl", "rkl", "jsd")
+LOSSES = KINDS  # fkl, rkl, jsd, topk
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """Everything that defines a run (its hash guards --resume)."""
+class DistillConfig(TrainConfig):
+    """Everything that defines a distillation run (its hash guards --resume)."""
 
     loss: str = "fkl"
     temperature: float = 1.0
     alpha: float = 0.5
     beta: float = 0.5
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.01
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    max_steps: int = 100
-    save_every: int = 50
-    keep_last: int = 2
-    eval_every: int = 50
-    valid_fraction: float = 0.05
-    seed: int = 0
+    topk: int = 64  # teacher tokens kept per position by --loss topk (online)
+    topk_mode: str = "renorm"
+    hidden_weight: float = 0.0
+    hidden_layers: str = "auto"
 
     def check(self) -> None:
+        super().check()
         if self.loss not in LOSSES:
             raise MinimaError(f"unknown loss {self.loss!r}: choose {', '.join(LOSSES)}")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every",
-                     "eval_every"):
-            if getattr(self, name) <= 0:
-                raise MinimaError(f"--{name.replace('_', '-')} must be positive, "
-                                  f"got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise MinimaError("--lr and --temperature must be positive")
+        if self.topk_mode not in TOPK_MODES:
+            raise MinimaError(f"unknown top-k mode {self.topk_mode!r}: choose "
+                              f"{', '.join(TOPK_MODES)}")
+        if not self.temperature > 0:
+            raise MinimaError(f"--temperature must be positive, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise MinimaError(f"--alpha {self.alpha} must be in [0, 1]")
-
-    def fingerprint(self) -> str:
-        # keep_last/save_every/eval_every change no weights: a resume may alter them
-        changing = {k: v for k, v in asdict(self).items()
-                    if k not in ("keep_last", "save_every", "eval_every")}
-        return hashlib.sha256(json.dumps(changing, sort_keys=True).encode()).hexdigest()[:16]
+        if not 0 <= self.beta <= 1:
+            raise MinimaError(f"--beta {self.beta} must be in [0, 1]")
+        if self.topk < 1:
+            raise MinimaError(f"--topk must be positive, got {self.topk}")
+        if not self.hidden_weight >= 0:
+            raise MinimaError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
 
 
 def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
@@ -106,105 +92,202 @@ def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
             raise MinimaError(f"teacher and student tokenizers differ in {name}")
 
 
-def run_distill(*, teacher_path: str, student_path: str, data: str, output: Path,
+# --- the hidden-state loss's mapping -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HiddenMap:
+    """Student layer -> teacher layer pairs and the teacher's hidden dims the student kept."""
+
+    pairs: list[tuple[int, int]]
+    kept_hidden: list[int] | None
+
+
+def parse_layer_pairs(spec: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """'0:1,1:3' -> [(0, 1), (1, 3)]: student layer : teacher layer, 0-based."""
+    pairs = []
+    for item in spec.split(","):
+        try:
+            s, t = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise MinimaError(f"--hidden-layers: {item!r} is not STUDENT:TEACHER "
+                              "(e.g. '0:1,1:3')") from None
+        if not (0 <= s < student_layers and 0 <= t < teacher_layers):
+            raise MinimaError(f"--hidden-layers: {s}:{t} is out of range (student has "
+                              f"{student_layers} layers, teacher {teacher_layers})")
+        pairs.append((s, t))
+    return pairs
+
+
+def uniform_layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Each student layer to the teacher layer at the same relative depth (last to last)."""
+    return [(j, round((j + 1) * teacher_layers / student_layers) - 1)
+            for j in range(student_layers)]
+
+
+def hidden_map(spec: str, student: Any, teacher: Any,
+               prune_kept: dict[str, Any] | None) -> HiddenMap:
+    """Pairs and kept dims for the hidden-state loss. A `minima prune` output of this teacher
+    maps each kept layer to its origin and compares on the kept hidden dims; any other student
+    must have the teacher's hidden size."""
+    s_layers, t_layers = student.num_hidden_layers, teacher.num_hidden_layers
+    if prune_kept is not None:
+        if len(prune_kept["hidden"]) != student.hidden_size or len(
+                prune_kept["layers"]) != s_layers:
+            raise MinimaError("the student's prune manifest does not match its config")
+        pairs = (list(enumerate(prune_kept["layers"])) if spec == "auto"
+                 else parse_layer_pairs(spec, s_layers, t_layers))
+        kept = list(prune_kept["hidden"])
+        return HiddenMap(pairs, None if kept == list(range(teacher.hidden_size)) else kept)
+    if student.hidden_size != teacher.hidden_size:
+        raise MinimaError(
+            f"--hidden-weight: the student's hidden size {student.hidden_size} differs from the "
+            f"teacher's {teacher.hidden_size} and the student is not a `minima prune` output of "
+            "this teacher, so its hidden dims cannot be mapped")
+    pairs = (uniform_layer_pairs(s_layers, t_layers) if spec == "auto"
+             else parse_layer_pairs(spec, s_layers, t_layers))
+    return HiddenMap(pairs, None)
+
+
+def prune_kept_of(student: ModelSource, teacher_fingerprint: str | None) -> dict[str, Any] | None:
+    """The kept indices of a student that `minima prune` made from this very teacher."""
+    if student.is_gguf or not (student.directory / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(student.directory)
+    origin = manifest.get("inputs", {}).get("model", {}).get("fingerprint")
+    if manifest.get("stage") != "prune" or origin != teacher_fingerprint:
+        return None
+    return manifest.get("kept")
+
+
+# --- the loss of one micro-batch -----------------------------------------------------------------
+
+
+def next_token_labels(batch: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits: position t predicts token t + 1; the last is ignored."""
+    return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], IGNORE_INDEX)], 1)
+
+
+def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
+                 cache: TeacherCache | None, stream: Any, vocab_size: int,
+                 hidden: HiddenMap | None):
+    """`loss_fn(student, batch) -> (loss, parts)` for train.train."""
+    kept = torch.tensor(hidden.kept_hidden) if hidden and hidden.kept_hidden else None
+
+    def loss_fn(student: torch.nn.Module, batch: torch.Tensor):
+        want_hidden = hidden is not None
+        out = student(input_ids=batch, output_hidden_states=want_hidden)
+        if cache is not None:
+            target: torch.Tensor | TopK = cache.lookup(stream.last_picks, batch.device)
+        else:
+            with torch.no_grad():
+                teacher_out = teacher(input_ids=batch, output_hidden_states=want_hidden)
+            target = teacher_out.logits
+            if config.loss == "topk":
+                target = TopK(*teacher_topk(target, config.topk, vocab_size))
+        loss, parts = distillation_loss(
+            out.logits, target, next_token_labels(batch), alpha=config.alpha, kind=config.loss,
+            topk_mode=config.topk_mode, temperature=config.temperature, beta=config.beta,
+            vocab_size=vocab_size)
+        logged = {"ce": parts["ce"], "kd": parts["kd"]}
+        if hidden is not None:
+            mse = sum(hidden_state_mse(out.hidden_states[s + 1], teacher_out.hidden_states[t + 1],
+                                       kept) for s, t in hidden.pairs) / len(hidden.pairs)
+            loss = loss + config.hidden_weight * mse
+            logged["hidden_mse"] = mse.detach()
+        return loss, logged
+
+    return loss_fn
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def run_distill(*, teacher_path: str | None, student_path: str, data: str, output: Path,
                 config: DistillConfig, resume: bool = False, force: bool = False,
-                progress: bool = True, text_field: str = "text") -> dict[str, Any]:
+                progress: bool = True, text_field: str = "text",
+                teacher_cache: str | None = None) -> dict[str, Any]:
     config.check()
     check_output(output, force)
     run_dir = output.with_name(f"{output.name}.run")
     if run_dir.exists() and not resume and list_checkpoints(run_dir / "checkpoints"):
         raise MinimaError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
                           "continue it, or delete it")
-    teacher_src, student_src = resolve_model(teacher_path), resolve_model(student_path)
+    if teacher_path is None and teacher_cache is None:
+        raise MinimaError("give the teacher: --teacher MODEL or --teacher-cache DIR")
+    cache = TeacherCache(teacher_cache) if teacher_cache else None
+    if cache is not None:
+        if config.loss != "topk":
+            raise MinimaError("a teacher cache holds the teacher's top-k log-probs: use --loss "
+                              "topk with --teacher-cache")
+        if config.hidden_weight > 0:
+            raise MinimaError("--hidden-weight needs the teacher's hidden states: pass --teacher "
+                              "instead of --teacher-cache")
+    student_src = resolve_model(student_path)
+    teacher_src = resolve_model(teacher_path) if teacher_path and cache is None else None
     student_config = load_config(student_src)
     max_positions = getattr(student_config, "max_position_embeddings", None)
     if max_positions and config.seq_len > max_positions:
         raise MinimaError(f"--seq-len {config.seq_len} exceeds the student's {max_positions} "
                           "positions")
     tokenizer = load_tokenizer(student_src)
-    check_same_tokenizer(load_tokenizer(teacher_src), tokenizer)
+    teacher_fp = cache.teacher_fingerprint if cache else model_fingerprint(teacher_src)
+    hidden = None
+    if teacher_src is not None:
+        check_same_tokenizer(load_tokenizer(teacher_src), tokenizer)
+        if config.hidden_weight > 0:
+            hidden = hidden_map(config.hidden_layers, student_config, load_config(teacher_src),
+                                prune_kept_of(student_src, teacher_fp))
+    session = open_session(config)
+    if not session.is_main:
+        session.barrier()  # let rank 0 tokenize and fill the token cache first
     prepared = prepare_data(data, tokenizer, seq_len=config.seq_len, seed=config.seed,
                             valid_fraction=config.valid_fraction, text_field=text_field,
                             cache_dir=run_dir / "token-cache")
+    if session.is_main:
+        session.barrier()
+    if cache is not None:
+        cache.check_data(prepared)
     torch.manual_seed(config.seed)
-    teacher = load_model(teacher_src).eval().requires_grad_(False)
-    student = load_model(student_src).train()
-    vocab_size = len(tokenizer)
-    optimizer = torch.optim.AdamW(parameter_groups(student, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.95), eps=1e-8)
-    stream = prepared.stream(config.batch_size)
+    teacher = None
+    if teacher_src is not None:
+        teacher = load_model(teacher_src).eval().requires_grad_(False)
+        if session.precision == "bf16":
+            teacher = teacher.to(torch.bfloat16)
+        teacher = session.prepare_teacher(teacher)
+    student = load_model(student_src)
+    stream = prepared.stream(config.batch_size, rank=session.rank,
+                             world_size=session.world_size)
+    loss_fn = make_loss_fn(config, teacher=teacher, cache=cache, stream=stream,
+                           vocab_size=len(tokenizer), hidden=hidden)
     run_id = {"config": config.fingerprint(), "data": prepared.fingerprint,
-              "student": model_fingerprint(student_src), "teacher": model_fingerprint(teacher_src)}
-    first_step = 0
-    if resume:
-        state = load_training_checkpoint(run_dir / "checkpoints", student, optimizer)
-        if state.get("run_id") != run_id:
-            raise MinimaError("--resume: the checkpoint belongs to a different run (config, data "
-                              "or models differ)")
-        stream.load_state_dict(state["data"])
-        first_step = state["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = (run_dir / "log.jsonl").open("a")
-    warmup = math.ceil(config.warmup_ratio * config.max_steps)
-    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
-    start = time.perf_counter()
-    metrics: dict[str, Any] = {}
-    with step_progress("distill", config.max_steps, enabled=progress,
-                       loss=float("nan")) as bar:
-        for step in range(first_step, config.max_steps):
-            lr = learning_rate(step, peak=config.lr, total_steps=config.max_steps,
-                               warmup_steps=warmup, schedule=config.schedule,
-                               min_ratio=config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            ce_sum = kd_sum = 0.0
-            for _ in range(config.grad_accum):
-                batch = next(stream)
-                labels = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1)
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=batch).logits
-                student_logits = student(input_ids=batch).logits
-                loss, parts = distillation_loss(
-                    student_logits, teacher_logits, labels, alpha=config.alpha,
-                    kind=config.loss, temperature=config.temperature, beta=config.beta,
-                    vocab_size=vocab_size)
-                (loss / config.grad_accum).backward()
-                ce_sum += parts["ce"].item() / config.grad_accum
-                kd_sum += parts["kd"].item() / config.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            record = {"step": done, "lr": lr, "ce": ce_sum, "kd": kd_sum,
-                      "loss": config.alpha * ce_sum + (1 - config.alpha) * kd_sum,
-                      "grad_norm": float(grad_norm)}
-            if done % config.eval_every == 0 or done == config.max_steps:
-                record["valid_loss"] = evaluate_loss(student, prepared.valid, config.batch_size)
-                student.train()
-                record["valid_perplexity"] = math.exp(record["valid_loss"])
-                metrics.update(valid_loss=record["valid_loss"],
-                               valid_perplexity=record["valid_perplexity"])
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.update(tokens_per_step, loss=record["loss"])
-            if done % config.save_every == 0 and done < config.max_steps:
-                save_training_checkpoint(run_dir / "checkpoints", student, optimizer, done,
-                                         {"run_id": run_id, "data": stream.state_dict()},
-                                         config.keep_last)
-    log.close()
-    seconds = time.perf_counter() - start
-    with atomic_output_dir(output, force=force) as tmp:
-        with quiet_transformers():
-            student.save_pretrained(tmp)
+              "student": model_fingerprint(student_src), "teacher": teacher_fp}
+    result = train(session=session, model=student, loss_fn=loss_fn, stream=stream,
+                   valid_blocks=prepared.valid, config=config, run_dir=run_dir, run_id=run_id,
+                   resume=resume, progress=progress, description="distill")
+
+    def write_extra(tmp: Path) -> dict[str, Any]:
         copy_tokenizer_files(student_src, tmp)
         shutil.copy2(run_dir / "log.jsonl", tmp / "log.jsonl")
-        manifest = write_manifest(
+        if (run_dir / "tensorboard").is_dir():
+            shutil.copytree(run_dir / "tensorboard", tmp / "tensorboard")
+        teacher_input = ({"cache": str(cache.path), "fingerprint": teacher_fp} if cache else
+                         {"path": str(teacher_src), "fingerprint": teacher_fp})
+        return write_manifest(
             tmp, "distill",
-            inputs={"teacher": {"path": str(teacher_src), "fingerprint": run_id["teacher"]},
+            inputs={"teacher": teacher_input,
                     "student": {"path": str(student_src), "fingerprint": run_id["student"]},
                     "data": prepared.summary()},
-            config=asdict(config), student_shape=shape_from_config(student.config).as_dict(),
-            metrics={**metrics, "steps": config.max_steps,
-                     "tokens": config.max_steps * tokens_per_step}, wall_time_s=seconds)
-    shutil.rmtree(run_dir, ignore_errors=True)
+            config=asdict(config),
+            student_shape=shape_from_config(session.unwrap(result.model).config).as_dict(),
+            hidden_map=asdict(hidden) if hidden else None,
+            metrics={**result.metrics, "steps": result.steps, "tokens": result.tokens,
+                     "world_size": session.world_size, "precision": session.precision,
+                     "tokens_per_s": result.tokens / max(result.seconds, 1e-9)},
+            wall_time_s=result.seconds)
+
+    manifest = save_final_model(session, result.model, output, force, write_extra)
+    if session.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    session.close()
     return manifest

@@ -33,7 +33,7 @@ def distill_args(tiny_world, student, out, steps=8):
     return ["distill", "-t", str(tiny_world / "teacher"), "-s", str(student), "-d",
             str(tiny_world / "data" / "train.txt"), "-o", str(out), "--seq-len", "32",
             "--batch-size", "4", "--max-steps", str(steps), "--save-every", "2",
-            "--eval-every", "4", "--lr", "3e-3", "-q"]
+            "--eval-every", "4", "--lr", "3e-3", "--precision", "fp32", "-q"]
 
 
 def test_distill_improves_the_pruned_student(tiny_world, pruned, tmp_path):

@@ -1,0 +1,161 @@
+"""`minima cache-teacher`: the teacher's top-k log-probs for every training token, on disk, so
+`minima distill --teacher-cache DIR` trains without the teacher in memory (or on another machine).
+
+Layout of the cache directory (written atomically):
+- `source-<i>-<shard>.safetensors`: `logprobs` float16 `[blocks, seq_len, k]` (log_softmax of the
+  teacher's logits at T = 1, over the tokenizer's real vocabulary) and `indices` int32, for the
+  training blocks `[first, first + blocks)` of data source i, in block order;
+- `minima.json`: the teacher and data fingerprints, k, seq_len and the shard table.
+A block is looked up by (source, row), the key `MixedBlockStream.last_picks` reports, so any data
+order (seed, mixture weights, resume) reads the right rows. The cache is tied to the prepared
+data (tokenizer, seq_len, seed, split): distill refuses a cache made for other data.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minima_cli.checkpoint import (
+    atomic_output_dir,
+    check_output,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    read_manifest,
+    resolve_model,
+    write_manifest,
+)
+from minima_cli.data import PreparedData, prepare_data
+from minima_cli.errors import MinimaError
+from minima_cli.losses import TopK
+from minima_cli.progress import step_progress
+
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@torch.no_grad()
+def teacher_topk(logits: torch.Tensor, k: int,
+                 vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of log_softmax over the real vocabulary (padded embedding rows excluded)."""
+    logprobs = logits[..., :vocab_size].float().log_softmax(-1)
+    values, indices = logprobs.topk(k, dim=-1)
+    return values, indices.to(torch.int32)
+
+
+def shard_name(source: int, shard: int) -> str:
+    return f"source-{source}-{shard:05d}.safetensors"
+
+
+def write_teacher_cache(teacher: torch.nn.Module, prepared: PreparedData, directory: Path, *,
+                        k: int, vocab_size: int, batch_size: int, blocks_per_shard: int,
+                        dtype: torch.dtype, progress: bool) -> list[dict[str, Any]]:
+    """Fill `directory` with the shards; returns the shard table for the manifest."""
+    table = []
+    total = sum(len(blocks) for blocks in prepared.train)
+    device = next(teacher.parameters()).device
+    with step_progress("cache-teacher", total, enabled=progress) as bar:
+        for source, blocks in enumerate(prepared.train):
+            for shard, first in enumerate(range(0, len(blocks), blocks_per_shard)):
+                part = blocks[first:first + blocks_per_shard]
+                values, indices = [], []
+                for start in range(0, len(part), batch_size):
+                    batch = part[start:start + batch_size].long().to(device)
+                    v, i = teacher_topk(teacher(input_ids=batch).logits, k, vocab_size)
+                    values.append(v.to(dtype).cpu())
+                    indices.append(i.cpu())
+                    for _ in range(len(batch)):
+                        bar.update(batch.shape[1])
+                name = shard_name(source, shard)
+                save_file({"logprobs": torch.cat(values), "indices": torch.cat(indices)},
+                          directory / name)
+                table.append({"file": name, "source": source, "first": first,
+                              "blocks": len(part)})
+    return table
+
+
+class TeacherCache:
+    """Reads the top-k rows of the blocks a batch holds (memory-mapped shards)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise MinimaError(f"teacher cache {self.path} does not exist")
+        manifest = read_manifest(self.path)
+        if manifest.get("stage") != "cache-teacher":
+            raise MinimaError(f"{self.path} is not a teacher cache (no cache-teacher "
+                              "minima.json): make one with `minima cache-teacher`")
+        self.manifest = manifest
+        self.k = int(manifest["config"]["k"])
+        self.data_fingerprint = manifest["inputs"]["data"]["fingerprint"]
+        self.teacher_fingerprint = manifest["inputs"]["teacher"]["fingerprint"]
+        self.tokenizer_vocab = int(manifest["config"]["vocab_size"])
+        self._shards = manifest["shards"]
+        self._handles: dict[str, Any] = {}
+
+    def check_data(self, prepared: PreparedData) -> None:
+        if prepared.fingerprint != self.data_fingerprint:
+            raise MinimaError(f"teacher cache {self.path} was made for other data (data, "
+                              "tokenizer, seq_len, seed or validation split differ)")
+
+    def _shard(self, source: int, row: int) -> tuple[Any, int]:
+        for entry in self._shards:
+            if entry["source"] == source and entry["first"] <= row < entry["first"] + entry[
+                    "blocks"]:
+                handle = self._handles.get(entry["file"])
+                if handle is None:
+                    handle = safe_open(str(self.path / entry["file"]), framework="pt")
+                    self._handles[entry["file"]] = handle
+                return handle, row - entry["first"]
+        raise MinimaError(f"teacher cache {self.path} has no block {row} of source {source}")
+
+    def lookup(self, picks: list[tuple[int, int]], device: torch.device) -> TopK:
+        values, indices = [], []
+        for source, row in picks:
+            handle, local = self._shard(source, row)
+            values.append(handle.get_slice("logprobs")[local:local + 1])
+            indices.append(handle.get_slice("indices")[local:local + 1])
+        return TopK(torch.cat(values).to(device), torch.cat(indices).to(device).long())
+
+
+def run_cache_teacher(*, teacher_path: str, data: str, output: Path, seq_len: int, k: int,
+                      seed: int = 0, valid_fraction: float = 0.05, batch_size: int = 8,
+                      blocks_per_shard: int = 1024, dtype: str = "float16",
+                      text_field: str = "text", force: bool = False,
+                      progress: bool = True) -> dict[str, Any]:
+    """Prepare the data exactly as `distill` will (same seq_len, seed, split) and cache the
+    teacher's top-k for every training block."""
+    if k < 1 or seq_len < 1 or batch_size < 1 or blocks_per_shard < 1:
+        raise MinimaError("--k, --seq-len, --batch-size and --blocks-per-shard must be positive")
+    if dtype not in CACHE_DTYPES:
+        raise MinimaError(f"unknown cache dtype {dtype!r}: choose {', '.join(CACHE_DTYPES)}")
+    check_output(output, force)
+    source = resolve_model(teacher_path)
+    tokenizer = load_tokenizer(source)
+    vocab_size = len(tokenizer)
+    if k > vocab_size:
+        raise MinimaError(f"--k {k} exceeds the vocabulary ({vocab_size})")
+    prepared = prepare_data(data, tokenizer, seq_len=seq_len, seed=seed,
+                            valid_fraction=valid_fraction, text_field=text_field,
+                            cache_dir=output.with_name(f"{output.name}.token-cache"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_model(source).eval().requires_grad_(False).to(device)
+    start = time.perf_counter()
+    with atomic_output_dir(output, force=force) as tmp:
+        shards = write_teacher_cache(teacher, prepared, tmp, k=k, vocab_size=vocab_size,
+                                     batch_size=batch_size, blocks_per_shard=blocks_per_shard,
+                                     dtype=CACHE_DTYPES[dtype], progress=progress)
+        manifest = write_manifest(
+            tmp, "cache-teacher",
+            inputs={"teacher": {"path": str(source), "fingerprint": model_fingerprint(source)},
+                    "data": prepared.summary()},
+            config={"k": k, "seq_len": seq_len, "seed": seed, "valid_fraction": valid_fraction,
+                    "dtype": dtype, "vocab_size": vocab_size, "text_field": text_field},
+            shards=shards, wall_time_s=time.perf_counter() - start,
+            metrics={"tokens": sum(s["blocks"] for s in shards) * seq_len})
+    return manifest

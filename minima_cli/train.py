@@ -1,0 +1,571 @@
+"""The training loop shared by `distill` and `sft`: one process, or many under torchrun /
+`accelerate launch` with DeepSpeed ZeRO-2/3.
+
+Per optimizer step: set the learning rate (warmup, then cosine/linear decay), run `grad_accum`
+micro-batches of `loss_fn(model, batch)` (bf16 autocast when asked), clip, step. Every
+`eval_every` steps the validation loss; every `save_every` steps an atomic checkpoint in
+`run_dir/checkpoints/` (the newest `keep_last` kept); every step a line in `run_dir/log.jsonl` and
+a TensorBoard scalar. A resumed run continues from the newest checkpoint exactly where it stopped:
+weights, optimizer, RNGs and the data position (identical on all ranks, see data.py).
+
+Two sessions drive the same loop:
+- `LocalSession` (one process, no DeepSpeed): plain PyTorch; checkpoints in minima's safetensors
+  format (train_state.py), which resume bitwise on CPU.
+- `AccelerateSession` (several processes or a DeepSpeed config): `accelerate` with a
+  `DeepSpeedPlugin`; checkpoints through `accelerator.save_state` (DeepSpeed's own files, since
+  ZeRO partitions the optimizer across ranks) written into a temp dir that rank 0 renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minima_cli.checkpoint import fsync_tree
+from minima_cli.errors import MinimaError
+from minima_cli.progress import step_progress
+from minima_cli.train_state import (
+    SCHEDULES,
+    STATE_FILE,
+    evaluate_loss,
+    learning_rate,
+    list_checkpoints,
+    load_training_checkpoint,
+    parameter_groups,
+    save_training_checkpoint,
+)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# Fields that change no weights: a resumed run may alter them.
+UNHASHED_FIELDS = ("keep_last", "save_every", "eval_every", "tensorboard", "deepspeed")
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule and checkpointing of a run (MiniMA's defaults where they apply)."""
+
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.01
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    max_steps: int = 100
+    max_tokens: int = 0  # > 0: overrides max_steps (tokens / tokens per step, rounded up)
+    save_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 50
+    valid_fraction: float = 0.05
+    seed: int = 0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None
+    tensorboard: bool = True
+
+    def check(self) -> None:
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every",
+                     "eval_every"):
+            if getattr(self, name) <= 0:
+                raise MinimaError(f"--{name.replace('_', '-')} must be positive, "
+                                  f"got {getattr(self, name)}")
+        if self.max_tokens < 0:
+            raise MinimaError(f"--max-tokens must be positive, got {self.max_tokens}")
+        if not self.lr > 0:
+            raise MinimaError(f"--lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise MinimaError(f"unknown schedule {self.schedule!r}: choose "
+                              f"{', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise MinimaError(f"unknown precision {self.precision!r}: choose "
+                              f"{', '.join(PRECISIONS)}")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise MinimaError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
+        if self.keep_last < 1:
+            raise MinimaError(f"--keep-last must be at least 1, got {self.keep_last}")
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.max_tokens > 0:
+            return math.ceil(self.max_tokens / self.tokens_per_step(world_size))
+        return self.max_steps
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len * world_size
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        changing = {k: v for k, v in asdict(self).items() if k not in UNHASHED_FIELDS}
+        return hashlib.sha256(json.dumps(changing, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated and
+    slower than fp32, so `auto` stays in fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+# --- DeepSpeed configs ---------------------------------------------------------------------------
+
+
+def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MinimaError(f"DeepSpeed config {path} does not exist")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MinimaError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise MinimaError(f"DeepSpeed config {path} must be a JSON object")
+    return raw
+
+
+def resolve_deepspeed_config(raw: dict[str, Any], *, batch_size: int, grad_accum: int,
+                             clip: float, world_size: int, bf16: bool) -> dict[str, Any]:
+    """Fill the HF-style "auto" (or missing) values from minima's settings and refuse a config
+    that contradicts them. minima owns the optimizer and the schedule (AdamW, --lr, warmup), so
+    the config must not bring its own."""
+    config = json.loads(json.dumps(raw))
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise MinimaError(f"DeepSpeed config: remove the {section!r} section; minima's "
+                              "AdamW and --lr/--schedule drive training")
+    if config.get("fp16", {}).get("enabled") in (True, "true"):
+        raise MinimaError("DeepSpeed config: fp16 is not supported; use bf16 or fp32")
+    zero = config.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise MinimaError("DeepSpeed config: zero_optimization must be an object")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise MinimaError(f"DeepSpeed config: zero_optimization.stage must be 0-3, got {stage!r}")
+    check_zero_section(zero)
+    wanted = {"train_micro_batch_size_per_gpu": batch_size,
+              "gradient_accumulation_steps": grad_accum,
+              "train_batch_size": batch_size * grad_accum * world_size,
+              "gradient_clipping": clip}
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif given != value:
+            raise MinimaError(f"DeepSpeed config: {key} is {given!r} but minima's settings give "
+                              f"{value!r}; set it to \"auto\"")
+    bf16_section = config.setdefault("bf16", {})
+    if bf16_section.get("enabled", "auto") == "auto":
+        bf16_section["enabled"] = bf16
+    if stage == 3:
+        # the final student is saved as one consolidated state dict
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config["zero_allow_untested_optimizer"] = True  # a torch AdamW client optimizer
+    config.setdefault("steps_per_print", 1 << 30)
+    return config
+
+
+def check_zero_section(zero: dict[str, Any]) -> None:
+    """DeepSpeed's own schema for `zero_optimization` (misspelt keys, wrong types), checked
+    before anything runs rather than after the models are loaded."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise MinimaError(f"DeepSpeed config: zero_optimization.{where}: {first['msg']}") from None
+
+
+def deepspeed_stage(config: dict[str, Any] | None) -> int:
+    return int((config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class LocalSession:
+    """One process, plain PyTorch."""
+
+    rank, world_size, is_main, deepspeed_stage = 0, 1, True, 0
+
+    def __init__(self, config: TrainConfig):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(config.precision, self.device)
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        return model.to(self.device), optimizer
+
+    def prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        return teacher.to(self.device)
+
+    def no_sync(self, model, last_micro: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        (loss / grad_accum).backward()
+
+    def step(self, model, optimizer, clip: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save_checkpoint(self, directory: Path, step: int, model, optimizer,
+                        state: dict[str, Any], keep_last: int) -> None:
+        save_training_checkpoint(directory, model, optimizer, step, state, keep_last)
+
+    def load_checkpoint(self, directory: Path, model, optimizer) -> dict[str, Any]:
+        return load_training_checkpoint(directory, model, optimizer)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        return None  # save_pretrained reads the model itself
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class AccelerateSession:
+    """Several processes (torchrun / accelerate launch) and/or DeepSpeed ZeRO via accelerate."""
+
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DeepSpeedPlugin
+
+        if "WORLD_SIZE" not in os.environ and config.deepspeed:
+            # DeepSpeed in one process (no launcher): a world of one on this host
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        world = world_size_from_env()
+        self.ds_config: dict[str, Any] | None = None
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_precision(config.precision, device)
+        if config.deepspeed:
+            if device.type == "cpu":
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # what `accelerate launch` sets; under plain torchrun accelerate would otherwise
+            # start a world of one process per rank
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            self.ds_config = resolve_deepspeed_config(
+                read_deepspeed_config(config.deepspeed), batch_size=config.batch_size,
+                grad_accum=config.grad_accum, clip=config.clip, world_size=world,
+                bf16=precision == "bf16")
+            precision = "bf16" if self.ds_config["bf16"]["enabled"] else "fp32"
+        if AcceleratorState._shared_state:  # a fresh state per run (tests run several in-process)
+            AcceleratorState._reset_state(reset_partial_state=True)
+        if device.type == "cpu" and (world > 1 or self.ds_config):
+            from accelerate.state import PartialState
+
+            PartialState(backend="gloo")  # accelerate picks no CPU backend for DeepSpeed itself
+        try:
+            plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config) if self.ds_config else None
+            self.accelerator = Accelerator(
+                deepspeed_plugin=plugin,
+                mixed_precision="bf16" if precision == "bf16" and plugin else "no")
+        except (ValueError, TypeError, KeyError) as e:
+            raise MinimaError(f"invalid DeepSpeed config {config.deepspeed}: {e}") from None
+        self.precision = precision
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.deepspeed_stage = deepspeed_stage(self.ds_config) if self.ds_config else -1
+
+    def prepare(self, model, optimizer):
+        try:
+            return self.accelerator.prepare(model, optimizer)
+        except Exception as e:  # DeepSpeed validates its config here (pydantic errors)
+            if self.ds_config is None:
+                raise
+            raise MinimaError(f"invalid DeepSpeed config: {str(e).splitlines()[0]}") from None
+
+    def prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO-3 partitions the teacher across ranks too (inference only, as TRL does);
+        otherwise every rank holds a replica."""
+        if self.deepspeed_stage != 3:
+            return teacher.to(self.device)
+        import deepspeed
+
+        config = {k: v for k, v in self.ds_config.items()
+                  if k in ("bf16", "zero_optimization", "train_micro_batch_size_per_gpu")}
+        config["zero_optimization"] = {"stage": 3}
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+        return engine
+
+    def no_sync(self, model, last_micro: bool) -> contextlib.AbstractContextManager:
+        # DDP: all-reduce gradients only on the last micro-batch (DeepSpeed counts for itself)
+        if last_micro or self.ds_config is not None:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor, grad_accum: int) -> None:
+        # DeepSpeed divides by its gradient_accumulation_steps itself (and steps at the boundary)
+        self.accelerator.backward(loss if self.ds_config else loss / grad_accum)
+
+    def step(self, model, optimizer, clip: float) -> float:
+        if self.ds_config is not None:  # clipped and stepped inside backward at the boundary
+            norm = model.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save_checkpoint(self, directory: Path, step: int, model, optimizer,
+                        state: dict[str, Any], keep_last: int) -> None:
+        """Every rank writes its part into one temp dir; rank 0 adds state.json, fsyncs and
+        renames it to `step-<step>` (a kill leaves only a temp dir, which resume ignores)."""
+        target = directory / f"step-{step:08d}"
+        tmp = directory / f".incomplete-step-{step:08d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        self.accelerator.save_state(str(tmp))
+        self.barrier()
+        if self.is_main:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+            fsync_tree(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
+            for old in list_checkpoints(directory)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
+    def load_checkpoint(self, directory: Path, model, optimizer) -> dict[str, Any]:
+        found = list_checkpoints(directory)
+        if not found:
+            raise MinimaError(f"no training checkpoint in {directory}")
+        state = json.loads((found[-1] / STATE_FILE).read_text())
+        self.accelerator.load_state(str(found[-1]))
+        return state
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor] | None:
+        if self.deepspeed_stage != 3:
+            return None  # full weights on every rank: save_pretrained reads the model (ties kept)
+        return self.accelerator.get_state_dict(model)  # collective: every rank gathers
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+def open_session(config: TrainConfig) -> LocalSession | AccelerateSession:
+    if config.deepspeed or world_size_from_env() > 1:
+        return AccelerateSession(config)
+    return LocalSession(config)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """log.jsonl (and TensorBoard scalars) on the main rank."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.file = (run_dir / "log.jsonl").open("a") if enabled else None
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop the records a killed run wrote after its last checkpoint (the resumed run redoes
+    those steps), atomically."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def autocast(session, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for plain PyTorch runs (DeepSpeed keeps its own bf16 weights)."""
+    if not enabled or getattr(session, "ds_config", None) is not None:
+        return contextlib.nullcontext()
+    return torch.autocast(session.device.type, dtype=torch.bfloat16)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW as MiniMA: betas (0.9, 0.95), eps 1e-8, no decay on norms and biases."""
+    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
+                             betas=(0.9, 0.95), eps=1e-8)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the prepared (possibly wrapped) model
+    metrics: dict[str, Any]
+    steps: int
+    tokens: int
+    seconds: float
+
+
+def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
+          valid_blocks: torch.Tensor, config: TrainConfig, run_dir: Path,
+          run_id: dict[str, Any], resume: bool, progress: bool = True,
+          description: str = "train") -> TrainResult:
+    """Run the loop on an unprepared `model` (the session wraps it); see the module doc."""
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    optimizer = build_optimizer(model, config)
+    model, optimizer = session.prepare(model, optimizer)
+    model.train()
+    checkpoints = run_dir / "checkpoints"
+    total_steps = config.total_steps(session.world_size)
+    first_step = 0
+    if resume:
+        state = session.load_checkpoint(checkpoints, model, optimizer)
+        if state.get("run_id") != run_id:
+            raise MinimaError("--resume: the checkpoint belongs to a different run (config, data "
+                              "or models differ)")
+        stream.load_state_dict(state["data"])
+        first_step = int(state["step"])
+    if session.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_log(run_dir / "log.jsonl", first_step)
+    session.barrier()
+    log = RunLog(run_dir, session.is_main, config.tensorboard)
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    tokens_per_step = config.tokens_per_step(session.world_size)
+    bf16 = session.precision == "bf16"
+    metrics: dict[str, Any] = {}
+    start = time.perf_counter()
+    with step_progress(description, total_steps, enabled=progress and session.is_main,
+                       loss=float("nan")) as bar:
+        bar.update(0)
+        for step in range(first_step, total_steps):
+            step_start = time.perf_counter()
+            lr = learning_rate(step, peak=config.lr, total_steps=total_steps,
+                               warmup_steps=warmup, schedule=config.schedule,
+                               min_ratio=config.min_lr_ratio)
+            set_learning_rate(optimizer, lr)
+            sums: dict[str, float] = {}
+            for micro in range(config.grad_accum):
+                batch = next(stream).to(session.device)
+                with session.no_sync(model, micro == config.grad_accum - 1):
+                    with autocast(session, bf16):
+                        loss, parts = loss_fn(model, batch)
+                    session.backward(loss, config.grad_accum)
+                for key, value in {"loss": loss.detach(), **parts}.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
+            grad_norm = session.step(model, optimizer, config.clip)
+            done = step + 1
+            record = {"step": done, "lr": lr, **sums, "grad_norm": grad_norm,
+                      "step_s": time.perf_counter() - step_start}
+            if done % config.eval_every == 0 or done == total_steps:
+                with autocast(session, bf16):
+                    record["valid_loss"] = evaluate_loss(model, valid_blocks.to(session.device),
+                                                         config.batch_size)
+                model.train()
+                record["valid_perplexity"] = math.exp(min(record["valid_loss"], 50.0))
+                metrics.update(valid_loss=record["valid_loss"],
+                               valid_perplexity=record["valid_perplexity"])
+            log.write(record)
+            bar.update(tokens_per_step, loss=record["loss"])
+            if done % config.save_every == 0 and done < total_steps:
+                session.save_checkpoint(checkpoints, done, model, optimizer,
+                                        {"run_id": run_id, "data": stream.state_dict()},
+                                        config.keep_last)
+    log.close()
+    return TrainResult(model, metrics, total_steps, total_steps * tokens_per_step,
+                       time.perf_counter() - start)
+
+
+def save_final_model(session, model: torch.nn.Module, output: Path, force: bool,
+                     write_extra: Callable[[Path], Any]) -> Any:
+    """The trained model as a standard HF directory written atomically by the main rank (ZeRO-3:
+    the consolidated state dict, gathered by every rank). `write_extra(tmp)` adds tokenizer files,
+    logs and the manifest; its result is returned on the main rank (None elsewhere)."""
+    from minima_cli.checkpoint import atomic_output_dir, quiet_transformers
+
+    state_dict = session.full_state_dict(model)  # collective: before the main-rank branch
+    result = None
+    if session.is_main:
+        unwrapped = session.unwrap(model)
+        with atomic_output_dir(output, force=force) as tmp:
+            with quiet_transformers():
+                unwrapped.save_pretrained(tmp, **({} if state_dict is None
+                                                  else {"state_dict": state_dict}))
+            result = write_extra(tmp)
+    session.barrier()
+    return result
