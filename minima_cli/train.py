@@ -479,11 +479,29 @@ class TrainResult:
     seconds: float
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A tensor, or a dict / tuple of tensors (sft's input ids and label masks), on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return type(batch)(to_device(value, device) for value in batch)
+
+
 def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
-          valid_blocks: torch.Tensor, config: TrainConfig, run_dir: Path,
+          valid_blocks: torch.Tensor | None, config: TrainConfig, run_dir: Path,
           run_id: dict[str, Any], resume: bool, progress: bool = True,
-          description: str = "train") -> TrainResult:
-    """Run the loop on an unprepared `model` (the session wraps it); see the module doc."""
+          description: str = "train",
+          evaluate_fn: Callable[[torch.nn.Module], float] | None = None) -> TrainResult:
+    """Run the loop on an unprepared `model` (the session wraps it); see the module doc.
+
+    `stream` yields batches (a tensor, or a dict/tuple of tensors that `loss_fn` understands) and
+    has `state_dict()` / `load_state_dict()`; the validation loss is `evaluate_fn(model)` or, by
+    default, the mean next-token loss over `valid_blocks`. Each step counts
+    `config.tokens_per_step` tokens."""
+    if evaluate_fn is None:
+        def evaluate_fn(model: torch.nn.Module) -> float:
+            return evaluate_loss(model, valid_blocks.to(session.device), config.batch_size)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -521,7 +539,7 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
             set_learning_rate(optimizer, lr)
             sums: dict[str, float] = {}
             for micro in range(config.grad_accum):
-                batch = next(stream).to(session.device)
+                batch = to_device(next(stream), session.device)
                 with session.no_sync(model, micro == config.grad_accum - 1):
                     with autocast(session, bf16):
                         loss, parts = loss_fn(model, batch)
@@ -534,8 +552,7 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                       "step_s": time.perf_counter() - step_start}
             if done % config.eval_every == 0 or done == total_steps:
                 with autocast(session, bf16):
-                    record["valid_loss"] = evaluate_loss(model, valid_blocks.to(session.device),
-                                                         config.batch_size)
+                    record["valid_loss"] = evaluate_fn(model)
                 model.train()
                 record["valid_perplexity"] = math.exp(min(record["valid_loss"], 50.0))
                 metrics.update(valid_loss=record["valid_loss"],
