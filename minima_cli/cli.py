@@ -237,8 +237,9 @@ def merged_params(ctx: typer.Context, config_file: Path | None, section: str) ->
         if source is not None and source.name != "DEFAULT":
             continue  # given on the command line
         try:
-            params[name] = by_name[name].type_cast_value(ctx, value)
-        except (click_errors.BadParameter, TypeError, ValueError) as error:
+            param = by_name[name]
+            params[name] = None if value is None else param.process_value(ctx, value)
+        except (click_errors.ClickException, TypeError, ValueError) as error:
             message = getattr(error, "message", str(error))
             raise MinimaError(f"{config_file}: {section}.{key}: {message}") from None
     return params
@@ -525,6 +526,102 @@ def eval_command(
     for row in table_rows(results["models"]):
         table.add_row(*row)
     out.print(table)
+
+
+@app.command()
+def sft(
+    ctx: typer.Context,
+    model: str = typer.Option(None, "--model", "-m", help="The model to tune: HF directory or "
+                              ".gguf file (usually `minima distill` output)."),
+    data: str = typer.Option(None, "--data", "-d", help="Chat data: .jsonl/.json/.parquet or a "
+                             "directory of them; records with 'messages', 'conversations' "
+                             "(ShareGPT), 'prompt' + 'response'/'completion', or 'instruction' "
+                             "(+ 'input') + 'output'."),
+    output: Path = typer.Option(None, "--output", "-o", help="Directory for the chat model "
+                                "(standard HF model, chat template included); OUTPUT.run/ "
+                                "holds checkpoints."),
+    valid_data: str = typer.Option(None, "--valid-data", help="Held-out chat data for the "
+                                   "validation loss (default: --valid-fraction of --data)."),
+    teacher: str = typer.Option(None, "--teacher", "-t", help="Optional teacher (same "
+                                "tokenizer): distil on the same chat data, assistant tokens "
+                                "only."),
+    loss: str = typer.Option("fkl", help="With --teacher: fkl, rkl, jsd or topk (as distill)."),
+    temperature: float = typer.Option(1.0, help="With --teacher: softmax temperature T."),
+    alpha: float = typer.Option(0.5, help="With --teacher: weight of the CE; 1 - alpha on KD."),
+    beta: float = typer.Option(0.5, help="With --teacher: JSD interpolation weight."),
+    topk: int = typer.Option(64, help="With --teacher --loss topk: teacher tokens kept."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per row: longer examples are "
+                                "cut (counted in minima.json), packed rows hold several."),
+    packing: bool = typer.Option(False, "--packing/--no-packing", help="Pack whole examples "
+                                 "into --seq-len rows (they never attend to each other), or "
+                                 "one example per row."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Rows per micro-batch (per "
+                                   "process)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(2e-5, help="Peak learning rate (MiniChat: 2e-5; the tiny world "
+                             "needs ~1e-3)."),
+    epochs: float = typer.Option(3.0, help="Passes over the training rows (MiniChat: 3)."),
+    max_steps: int = typer.Option(0, "--max-steps", help="Optimizer steps; overrides --epochs "
+                                  "(0: from --epochs)."),
+    warmup_ratio: float = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps warming "
+                                       "up."),
+    schedule: str = typer.Option("cosine", help="cosine, linear or constant after warmup."),
+    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Final lr as a fraction of "
+                                       "the peak."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
+                                       "norms and biases)."),
+    clip: float = typer.Option(1.0, help="Gradient clipping norm."),
+    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
+    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Validation loss (assistant tokens "
+                                   "of held-out conversations) every N steps."),
+    valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Conversations held out "
+                                         "for validation."),
+    seed: int = typer.Option(0, help="Seed for data order and the validation split."),
+    precision: str = typer.Option("auto", help="fp32, bf16 or auto (bf16 where the hardware "
+                                  "has it)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade "
+                                                "compute for activation memory."),
+    deepspeed: str = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. "
+                                  "recipes/deepspeed/zero3.json)."),
+    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard "
+                                     "scalars next to log.jsonl."),
+    config: Path = CONFIG,
+    resume: bool = typer.Option(False, "--resume", help="Continue OUTPUT.run/ from its newest "
+                                "checkpoint, exactly."),
+    force: bool = FORCE,
+    quiet: bool = QUIET,
+) -> None:
+    """Instruction-tune on chat data with the loss on assistant tokens only: the tokenizer's chat
+    template (or ChatML, then saved with the model), optional packing, optional distillation from
+    a teacher. Checkpoints, --resume, logs and DeepSpeed as distill."""
+    import dataclasses
+
+    from minima_cli.sft import SftConfig, run_sft
+
+    params = merged_params(ctx, config, "sft")
+    for required in ("model", "data", "output"):
+        if params[required] is None:
+            raise MinimaError(f"missing option --{required} (on the command line or in --config)")
+    fields = {f.name for f in dataclasses.fields(SftConfig)}
+    settings = SftConfig(**{k: v for k, v in params.items() if k in fields})
+    manifest = run_sft(model_path=params["model"], data=params["data"],
+                       output=Path(params["output"]), config=settings,
+                       teacher_path=params["teacher"], valid_data=params["valid_data"],
+                       resume=resume, force=force, progress=not quiet)
+    if manifest is None:  # not the main rank
+        return
+    metrics, summary = manifest["metrics"], manifest["inputs"]["data"]
+    out.print(f"tuned on {summary['train_examples']:,} conversations ({metrics['steps']} steps, "
+              f"{metrics['tokens']:,} tokens) in {manifest['wall_time_s']:.1f}s: valid loss "
+              f"{metrics.get('valid_loss', float('nan')):.4f} per assistant token -> "
+              f"{params['output']}")
+    cut = summary["train_truncated"] + summary["valid_truncated"]
+    if cut:
+        Console(stderr=True).print(f"[yellow]warning: {cut} conversations were longer than "
+                                   f"--seq-len {params['seq_len']} and cut "
+                                   f"({summary['train_dropped'] + summary['valid_dropped']} "
+                                   "dropped: no assistant token left)[/yellow]")
 
 
 def read_points(path: Path, what: str, *, sweeps: bool = False) -> list[list[float]]:

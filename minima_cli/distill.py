@@ -213,6 +213,8 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
     if run_dir.exists() and not resume and list_checkpoints(run_dir / "checkpoints"):
         raise MinimaError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
                           "continue it, or delete it")
+    if resume and not list_checkpoints(run_dir / "checkpoints"):
+        raise MinimaError(f"--resume: no training checkpoint in {run_dir / 'checkpoints'}")
     if teacher_path is None and teacher_cache is None:
         raise MinimaError("give the teacher: --teacher MODEL or --teacher-cache DIR")
     cache = TeacherCache(teacher_cache) if teacher_cache else None

@@ -3,6 +3,7 @@ with --resume ends bitwise equal to an uninterrupted one, and bad inputs fail in
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_model, tiny_random_model
+from conftest import run_cli, save_model, tiny_random_model
 from safetensors.torch import load_file
 
 from minima_cli.cli import main
@@ -39,7 +40,6 @@ def distill_args(tiny_world, student, out, steps=8):
 def test_distill_improves_the_pruned_student(tiny_world, pruned, tmp_path):
     out = tmp_path / "student"
     assert main(distill_args(tiny_world, pruned, out, steps=12)) == 0
-    import json
 
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(records) == 12 and records[-1]["loss"] < records[0]["loss"]
@@ -85,6 +85,16 @@ def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
     save_model(tiny_random_model("llama"), broken)
     (broken / "tokenizer.json").write_text("{not json")
     out = tmp_path / "out"
+    ds_with_optimizer = tmp_path / "ds_optimizer.json"
+    ds_with_optimizer.write_text('{"optimizer": {"type": "AdamW"}}')
+    ds_not_json = tmp_path / "ds.json"
+    ds_not_json.write_text("{stage: 2")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    no_field = tmp_path / "records.jsonl"
+    no_field.write_text('{"body": "some text"}\n')
+    bad_yaml = tmp_path / "recipe.yaml"
+    bad_yaml.write_text("distill:\n  max_step: 3\n")
     capsys.readouterr()  # drop the set-up's output
     cases = [
         (["-s", other], "tokenizers differ"),
@@ -95,13 +105,88 @@ def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
         (["--alpha", "2"], "must be in [0, 1]"),
         (["--loss", "mse"], "unknown loss"),
         (["--resume"], "no training checkpoint"),
+        (["--deepspeed", tmp_path / "missing.json"], "does not exist"),
+        (["--deepspeed", ds_with_optimizer], "remove the 'optimizer' section"),
+        (["--deepspeed", ds_not_json], "is not valid JSON"),
+        (["--teacher-cache", tmp_path], "not a minima output"),
+        (["-d", empty], "no documents"),
+        (["-d", no_field], "no field 'text'"),
+        (["--hidden-weight", "-1"], "--hidden-weight must be >= 0"),
+        (["--precision", "fp8"], "unknown precision"),
+        (["--config", bad_yaml], "distill.max_step: unknown key (did you mean 'max_steps'?)"),
     ]
     for extra, message in cases:
         args = distill_args(tiny_world, pruned, out)
-        if extra[0] == "-s":
-            args[args.index("-s") + 1] = str(extra[1])
+        if extra[0] in ("-s", "-d"):
+            args[args.index(extra[0]) + 1] = str(extra[1])
             extra = []
         code = main([*args, *map(str, extra)])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], (extra, err)
         assert not out.exists()
+        assert not (tmp_path / "out.run").exists(), extra
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_world, pruned, tmp_path, capsys):
+    from minima_cli.checkpoint import load_model, resolve_model
+    from minima_cli.train import TrainConfig, build_optimizer
+    from minima_cli.train_state import save_training_checkpoint
+
+    model = load_model(resolve_model(str(pruned)))
+    save_training_checkpoint(tmp_path / "out.run" / "checkpoints", model,
+                             build_optimizer(model, TrainConfig()), 2,
+                             {"run_id": {"config": "another"}, "data": {}})
+    code, _, err = run_cli([*distill_args(tiny_world, pruned, tmp_path / "out"), "--resume"],
+                           capsys)
+    assert code == 2 and "belongs to a different run" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_teacher_cache_trains_like_the_online_top_k(tiny_world, pruned, tmp_path):
+    data = tiny_world / "data" / "train.txt"
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "-t", str(tiny_world / "teacher"), "-d", str(data), "-o",
+                 str(cache), "--seq-len", "32", "-k", "16", "--dtype", "float32",
+                 "--blocks-per-shard", "64", "-q"]) == 0
+    manifest = json.loads((cache / "minima.json").read_text())
+    assert len(manifest["shards"]) > 1 and manifest["config"]["k"] == 16
+    topk = ["--loss", "topk", "--topk", "16"]
+    online, offline = tmp_path / "online", tmp_path / "offline"
+    assert main([*distill_args(tiny_world, pruned, online, steps=4), *topk]) == 0
+    args = distill_args(tiny_world, pruned, offline, steps=4)
+    at = args.index("-t")
+    del args[at:at + 2]  # no teacher in memory
+    assert main([*args, *topk, "--teacher-cache", str(cache)]) == 0
+    expected = load_file(online / "model.safetensors")
+    actual = load_file(offline / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
+    # a cache is tied to its data: another seed means another validation split and block order
+    code = main([*args, *topk, "--teacher-cache", str(cache), "--seed", "3", "--force"])
+    assert code == 2
+
+
+def test_hidden_state_loss_on_kept_dims_and_yaml_config(tiny_world, pruned, tmp_path, capsys):
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text("distill:\n  hidden_weight: 1.0\n  max_steps: 3\n  loss: rkl\n")
+    out = tmp_path / "student"
+    args = distill_args(tiny_world, pruned, out, steps=2)  # --max-steps 2 beats the file's 3
+    assert main([*args, "--config", str(recipe)]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["hidden_mse"] > 0 for r in records)
+    manifest = json.loads((out / "minima.json").read_text())
+    assert manifest["config"]["loss"] == "rkl" and manifest["config"]["max_steps"] == 2
+    prune_manifest = json.loads((pruned / "minima.json").read_text())
+    assert manifest["hidden_map"]["kept_hidden"] == prune_manifest["kept"]["hidden"]
+    assert [t for _, t in manifest["hidden_map"]["pairs"]] == prune_manifest["kept"]["layers"]
+    assert (out / "tensorboard").is_dir()
+    # a student of another width with no prune manifest cannot be mapped onto the teacher
+    import shutil
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(pruned, orphan)
+    (orphan / "minima.json").unlink()
+    capsys.readouterr()
+    code, _, err = run_cli([*distill_args(tiny_world, orphan, tmp_path / "x", steps=2),
+                            "--hidden-weight", "1"], capsys)
+    assert code == 2 and "cannot be mapped" in err
