@@ -61,7 +61,7 @@ from minima_cli.checkpoint import (
     write_manifest,
 )
 from minima_cli.data import pack_documents, prepare_data, read_documents, tokenize_documents
-from minima_cli.distill import DistillConfig, run_distill
+from minima_cli.distill import DistillConfig, next_token_labels, run_distill
 from minima_cli.errors import MinimaError
 from minima_cli.losses import distillation_loss
 from minima_cli.masks import Masks, masked
@@ -263,11 +263,6 @@ def sandwich_widths(n: int, per_step: int, rng: random.Random) -> list[int]:
 
 
 # --- the sandwich ---------------------------------------------------------------------------------
-
-
-def next_token_labels(batch: torch.Tensor) -> torch.Tensor:
-    """labels[i] = batch[i + 1], the last position ignored (losses.py aligns labels to logits)."""
-    return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], dim=1)
 
 
 def sandwich_step(model: torch.nn.Module, shape: ModelShape, widths: Sequence[Masks],

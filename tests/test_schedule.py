@@ -15,7 +15,7 @@ from conftest import run_cli, save_model, tiny_random_model
 from minima_cli.arch import ModelShape, count_parameters, shape_from_config
 from minima_cli.checkpoint import resolve_model
 from minima_cli.cli import main
-from minima_cli.distill import DistillConfig
+from minima_cli.distill import DistillConfig, next_token_labels
 from minima_cli.errors import MinimaError
 from minima_cli.losses import distillation_loss
 from minima_cli.masks import masked
@@ -26,7 +26,6 @@ from minima_cli.schedule import (
     choose_assistant,
     kendall,
     materialise,
-    next_token_labels,
     parse_sparsities,
     relative_plan,
     sandwich_step,
