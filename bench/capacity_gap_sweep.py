@@ -57,7 +57,7 @@ from minima_cli.train_state import evaluate_loss
 
 KS = (1, 1.5, 2, 2.5, 3, 4, 6, 8)
 HEAD_DIM = 16
-STUDENT = {"hidden": 32, "layers": 2, "ffn": 88}
+STUDENT = (32, 2, 88)  # hidden, layers, FFN
 SEQ_LEN = 64
 SERIES = ("pruned", "random")
 
@@ -117,7 +117,7 @@ def sweep(args: argparse.Namespace, work: Path) -> dict:
     train_path, valid_path = world / "data" / "train.txt", world / "data" / "valid.txt"
     tokenizer = load_tokenizer(resolve_model(world / "teacher"))
     train, valid = blocks(tokenizer, train_path), blocks(tokenizer, valid_path)
-    student = model_shape(STUDENT["hidden"], STUDENT["layers"], STUDENT["ffn"], len(tokenizer))
+    student = model_shape(*args.student, len(tokenizer))
     student_params = count_parameters(student)
     rows = []
     for k in args.ks:
@@ -295,6 +295,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True, help="directory to write")
     parser.add_argument("--world", type=Path, help="an existing `minima tiny` output (its corpus "
                         "and tokenizer)")
+    parser.add_argument("--student", type=lambda text: tuple(int(v) for v in text.split(",")),
+                        default=STUDENT, help="HIDDEN,LAYERS,FFN of the fixed student (hidden a "
+                        "multiple of 16); sweeps at several sizes fit the capacity-gap law")
     parser.add_argument("--ks", type=lambda text: [float(k) for k in text.split(",")],
                         default=list(KS))
     parser.add_argument("--teacher-steps", type=int, default=300)
@@ -309,6 +312,8 @@ def main() -> None:
     args = parser.parse_args()
     if unknown := set(args.series) - set(SERIES):
         parser.error(f"unknown series {sorted(unknown)}: choose from {', '.join(SERIES)}")
+    if len(args.student) != 3 or args.student[0] % HEAD_DIM or min(args.student) <= 0:
+        parser.error(f"--student: HIDDEN,LAYERS,FFN, positive, hidden a multiple of {HEAD_DIM}")
     if len(args.ks) < 3:
         parser.error("--ks: a curve needs at least three teacher sizes")
     check_output(args.output, args.force)
