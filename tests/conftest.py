@@ -71,6 +71,24 @@ def run_cli(args: list, capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def kill_at_checkpoint(args: list, checkpoints: Path, step: int, timeout: float = 120) -> None:
+    """Run `minima ARGS` in a child process and SIGKILL it as soon as the training checkpoint of
+    `step` exists under `checkpoints` (a test of exact resume then runs it again with --resume)."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "minima_cli.cli", *map(str, args)]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not (checkpoints / f"step-{step:08d}").is_dir() and time.time() < deadline:
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 def reload_and_generate(model_dir: Path, prompt: str, new_tokens: int = 5) -> tuple[int, str]:
     """Load `model_dir` in a fresh interpreter with nothing but transformers and generate
     greedily: the contract users rely on. Returns (parameter count, decoded text)."""

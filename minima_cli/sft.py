@@ -1,0 +1,750 @@
+"""`minima sft`: supervised fine-tuning on chat data, with the loss on assistant tokens only.
+
+Pipeline: records (`messages`, ShareGPT `conversations`, `prompt` + `response`/`completion`, or
+Alpaca `instruction` [+ `input`] + `output`; detected per record) -> messages -> text by the
+tokenizer's chat template (ChatML when it has none; that template is then saved with the model)
+-> token ids with a mask that is 1 exactly on the assistant spans -> rows (one example per row,
+or examples packed whole into `seq_len` rows) -> a seeded, resumable stream of batches for the
+shared loop (train.py), optionally with a teacher (distill's losses, on assistant tokens only).
+
+Assistant spans: where the template marks them with `{% generation %}` (minima's ChatML does),
+those character spans; otherwise the template is rendered incrementally and each assistant turn
+spans from the end of the conversation before it (with the generation prompt) to the end of the
+conversation through it, trailing whitespace excluded. A token is an assistant token when it
+starts inside a span. The span covers the reply and the template's end-of-turn marker
+(`<|im_end|>`), so the model learns to stop.
+
+Packing: best-fit decreasing, never splitting an example; each example restarts its position ids
+at 0, from which transformers builds a block-diagonal causal mask (sdpa / eager / flex) or
+variable-length flash attention: packed examples never attend to each other. (Only without a KV
+cache: every forward here passes `use_cache=False`.) An example longer
+than `seq_len` is cut to its first `seq_len` tokens (counted in the manifest as `truncated`; one
+with no assistant token left is dropped and counted as `dropped`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minima_cli.checkpoint import (
+    check_output,
+    copy_tokenizer_files,
+    file_sha256,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+    write_manifest,
+)
+from minima_cli.distill import DistillConfig, check_same_tokenizer
+from minima_cli.errors import MinimaError
+from minima_cli.losses import IGNORE_INDEX, TopK, distillation_loss
+from minima_cli.progress import step_progress
+from minima_cli.teacher_cache import teacher_topk
+from minima_cli.train import open_session, save_final_model, train
+from minima_cli.train_state import list_checkpoints
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML with the assistant replies marked for `return_assistant_tokens_mask`; it renders exactly
+# what evaluate.CHATML_TEMPLATE renders, so `minima eval` prompts a model the way sft trained it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "tool": "tool", "function_call": "assistant",
+                  "observation": "tool"}
+FORMATS = ("messages", "sharegpt", "prompt-response", "instruction")
+CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
+FORMAT_HELP = ("expected 'messages', 'conversations' (ShareGPT), 'prompt' + 'response' (or "
+               "'completion'), or 'instruction' (+ 'input') + 'output'")
+STATE_VERSION = 1
+_SPLIT, _SHUFFLE = 11, 12  # tags that give each use of the seed its own random stream
+
+
+# --- chat records -> messages --------------------------------------------------------------------
+
+
+def to_messages(record: Any, where: str) -> tuple[str, list[dict[str, str]]]:
+    """(format, messages) of one record; one clear line for an unknown format, a malformed
+    conversation, or one without an assistant turn."""
+    if not isinstance(record, dict):
+        raise MinimaError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        kind, messages = "messages", _check_messages(record["messages"], where, "messages")
+    elif "conversations" in record:
+        kind, messages = "sharegpt", _sharegpt(record["conversations"], where)
+    elif "prompt" in record and ("response" in record or "completion" in record):
+        reply = record["response"] if "response" in record else record["completion"]
+        kind, messages = "prompt-response", _prompt_response(record, record["prompt"], reply,
+                                                             where)
+    elif "instruction" in record and "output" in record:
+        fields = [_string(record, name, where) for name in ("instruction", "input", "output")]
+        instruction, extra, output = fields
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        kind, messages = "instruction", [*_system(record, where),
+                                         {"role": "user", "content": user},
+                                         {"role": "assistant", "content": output}]
+    else:
+        present = ", ".join(map(str, record)) or "none"
+        raise MinimaError(f"{where}: unknown chat format (fields: {present}); {FORMAT_HELP}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise MinimaError(f"{where}: the conversation has no assistant turn (nothing to learn)")
+    return kind, messages
+
+
+def _string(record: dict, name: str, where: str) -> str:
+    value = record.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MinimaError(f"{where}: field '{name}' is {type(value).__name__}, not a string")
+    return value
+
+
+def _system(record: dict, where: str) -> list[dict[str, str]]:
+    system = _string(record, "system", where)
+    return [{"role": "system", "content": system}] if system.strip() else []
+
+
+def _check_messages(messages: Any, where: str, field: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise MinimaError(f"{where}: '{field}' must be a non-empty list of messages")
+    out = []
+    for i, message in enumerate(messages):
+        if (not isinstance(message, dict) or message.get("role") not in ROLES
+                or not isinstance(message.get("content"), str)):
+            raise MinimaError(f"{where}: {field}[{i}] must be {{role: {'|'.join(ROLES)}, "
+                              "content: str}")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _sharegpt(turns: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise MinimaError(f"{where}: 'conversations' must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and "role" in turn:
+            messages.extend(_check_messages([turn], where, f"conversations[{i}]"))
+            continue
+        if (not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES
+                or not isinstance(turn.get("value"), str)):
+            raise MinimaError(f"{where}: conversations[{i}] must be {{from: "
+                              f"{'|'.join(SHAREGPT_ROLES)}, value: str}}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _prompt_response(record: dict, prompt: Any, reply: Any, where: str) -> list[dict[str, str]]:
+    """Strings, or TRL's conversational prompt-completion (lists of messages)."""
+    if isinstance(prompt, list) and isinstance(reply, list):
+        return [*_check_messages(prompt, where, "prompt"),
+                *_check_messages(reply, where, "completion")]
+    if not isinstance(prompt, str) or not isinstance(reply, str):
+        raise MinimaError(f"{where}: 'prompt' and the reply must both be strings (or both lists "
+                          "of messages)")
+    return [*_system(record, where), {"role": "user", "content": prompt},
+            {"role": "assistant", "content": reply}]
+
+
+def chat_files(source: str | Path) -> list[Path]:
+    """The chat data files of a file or directory (.jsonl, .json, .parquet)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise MinimaError(f"chat data not found: {source}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CHAT_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise MinimaError(f"no {'/'.join(CHAT_SUFFIXES)} files in directory {path}")
+        return files
+    if path.suffix not in CHAT_SUFFIXES:
+        raise MinimaError(f"unsupported chat data file {path} (expected "
+                          f"{', '.join(CHAT_SUFFIXES)}, or a directory of them)")
+    return [path]
+
+
+def _records(path: Path) -> list[tuple[str, Any]]:
+    from minima_cli.data import _read_jsonl
+
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [(f"{path} row {i}", r) for i, r in
+                    enumerate(pq.read_table(path).to_pylist(), start=1)]
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                if e.msg != "Extra data":  # else: JSON lines under a .json name
+                    raise MinimaError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            else:
+                if not isinstance(data, list):
+                    raise MinimaError(f"{path}: expected a JSON list of records")
+                return [(f"{path} record {i}", r) for i, r in enumerate(data, start=1)]
+        return [(f"{path}:{lineno}", r) for lineno, r in _read_jsonl(path)]
+    except UnicodeDecodeError:
+        raise MinimaError(f"{path}: not UTF-8 text") from None
+    except MinimaError:
+        raise
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise MinimaError(f"{path}: cannot read ({e})") from None
+
+
+def read_chat(source: str | Path) -> tuple[list[list[dict[str, str]]], dict[str, Any]]:
+    """Conversations of a chat data file or directory, and a summary (files with hashes, the
+    count of each format)."""
+    files = chat_files(source)
+    conversations, formats = [], Counter()
+    for path in files:
+        for where, record in _records(path):
+            kind, messages = to_messages(record, where)
+            formats[kind] += 1
+            conversations.append(messages)
+    if not conversations:
+        raise MinimaError(f"no conversations in {source}")
+    summary = {"files": [{"path": str(p), "sha256": file_sha256(p)} for p in files],
+               "conversations": len(conversations), "formats": dict(formats)}
+    return conversations, summary
+
+
+# --- rendering and the assistant mask ------------------------------------------------------------
+
+
+def has_generation_blocks(template: str) -> bool:
+    import re
+
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def _render(tokenizer: Any, template: str, conversations: list[list[dict]], *,
+            add_generation_prompt: bool = False, spans: bool = False) -> tuple[list[str], list]:
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        return render_jinja_template(conversations, chat_template=template,
+                                     add_generation_prompt=add_generation_prompt,
+                                     return_assistant_tokens_mask=spans,
+                                     **tokenizer.special_tokens_map)
+    except Exception as e:  # jinja2 errors, raise_exception() in templates
+        raise MinimaError(f"the chat template failed on a conversation: {e}") from None
+
+
+def render_with_spans(tokenizer: Any, template: str, messages: list[dict[str, str]]
+                      ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    if has_generation_blocks(template):
+        (text,), (spans,) = _render(tokenizer, template, [messages], spans=True)
+        if not spans:
+            raise MinimaError("the chat template's {% generation %} blocks marked no assistant "
+                              "reply in a conversation")
+        return text, [tuple(s) for s in spans]
+    (text,), _ = _render(tokenizer, template, [messages])
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        (before,), _ = _render(tokenizer, template, [messages[:i]], add_generation_prompt=True)
+        (through,), _ = _render(tokenizer, template, [messages[: i + 1]])
+        if not (text.startswith(before) and text.startswith(through)):
+            raise MinimaError("the chat template does not render a conversation as its turns "
+                              "in order (it rewrites earlier turns or the generation prompt), so "
+                              "the assistant tokens cannot be found: mark the replies with "
+                              "{% generation %} ... {% endgeneration %}")
+        start = len(before)
+        spans.append((start, max(start, len(through.rstrip()))))
+    return text, spans
+
+
+def span_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """True for each token (given by its character offsets) that starts inside a span."""
+    starts = sorted(spans)
+    mask = []
+    for begin, _ in offsets:
+        k = bisect.bisect_right(starts, (begin, math.inf)) - 1
+        mask.append(k >= 0 and starts[k][0] <= begin < starts[k][1])
+    return mask
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: list[int]
+    mask: list[bool]  # True on assistant tokens
+
+
+def encode_conversations(tokenizer: Any, template: str, conversations: list[list[dict]],
+                         *, progress: bool = False) -> list[Example]:
+    """Token ids and assistant masks, rendered one conversation at a time and tokenized in
+    batches (the chat template decides every special token: nothing is added)."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise MinimaError("sft needs a fast tokenizer (tokenizer.json) to map the assistant "
+                          "spans to tokens")
+    examples: list[Example] = []
+    chunk = 512
+    with step_progress("encode chat", math.ceil(len(conversations) / chunk), enabled=progress,
+                       tokens=False) as bar:
+        for start in range(0, len(conversations), chunk):
+            rendered = [render_with_spans(tokenizer, template, messages)
+                        for messages in conversations[start : start + chunk]]
+            encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False,
+                                return_offsets_mapping=True)
+            for (_, spans), ids, offsets in zip(rendered, encoded["input_ids"],
+                                                encoded["offset_mapping"], strict=True):
+                examples.append(Example(list(ids), span_mask(offsets, spans)))
+            bar.update()
+    return examples
+
+
+def chat_template_of(tokenizer: Any) -> tuple[str, bool]:
+    """(template, is_default): the tokenizer's own chat template, or minima's ChatML."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the "default" one, as transformers picks
+        template = template.get("default")
+    return (template, False) if template else (CHATML_TEMPLATE, True)
+
+
+def missing_chatml_tokens(tokenizer: Any) -> list[str]:
+    """ChatML's markers that are not single tokens of this tokenizer."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in (IM_START, IM_END) if t not in vocab]
+
+
+# --- rows and the stream -------------------------------------------------------------------------
+
+
+def fit_examples(examples: list[Example], seq_len: int) -> tuple[list[Example], dict[str, int]]:
+    """Cut examples to `seq_len` tokens; drop those left without an assistant token."""
+    kept, truncated, dropped = [], 0, 0
+    for example in examples:
+        if len(example.ids) > seq_len:
+            truncated += 1
+            example = Example(example.ids[:seq_len], example.mask[:seq_len])
+        if any(example.mask[1:]):  # the first token is never predicted
+            kept.append(example)
+        else:
+            dropped += 1
+    return kept, {"truncated": truncated, "dropped": dropped}
+
+
+def pack_examples(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: example indices per row, every example whole in exactly one row and
+    no row longer than `seq_len`. Deterministic (ties broken by index)."""
+    if any(n > seq_len or n < 1 for n in lengths):
+        raise MinimaError(f"every example must have 1 to seq_len={seq_len} tokens to be packed")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k == len(free):
+            rows.append([i])
+            room, row = seq_len - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(k)
+            rows[row].append(i)
+            room -= lengths[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
+
+
+def make_rows(examples: list[Example], seq_len: int, packing: bool) -> list[list[Example]]:
+    if not packing:
+        return [[e] for e in examples]
+    return [[examples[i] for i in row] for row in pack_examples([len(e.ids) for e in examples],
+                                                                seq_len)]
+
+
+def row_tensors(row: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
+    """(input ids, labels, position ids) of one row: the label at t is token t + 1 when that is
+    an assistant token of the same example, else -100; positions restart at each example."""
+    ids, labels, positions = [], [], []
+    for example in row:
+        n = len(example.ids)
+        ids.extend(example.ids)
+        labels.extend(example.ids[t + 1] if example.mask[t + 1] else IGNORE_INDEX
+                      for t in range(n - 1))
+        labels.append(IGNORE_INDEX)  # the last token predicts nothing of this example
+        positions.extend(range(n))
+    return ids, labels, positions
+
+
+def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch padded on the right to its longest row. The padding gets its own position run
+    (0, 1, ...), so the packed-sequence mask keeps it apart from the real tokens."""
+    parts = [row_tensors(row) for row in rows]
+    width = max(len(ids) for ids, _, _ in parts)
+    input_ids = torch.full((len(parts), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(parts), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(parts), width), dtype=torch.long)
+    for r, (ids, labs, pos) in enumerate(parts):
+        n = len(ids)
+        input_ids[r, :n] = torch.tensor(ids)
+        labels[r, :n] = torch.tensor(labs)
+        positions[r, :n] = torch.tensor(pos)
+        positions[r, n:] = torch.arange(width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+
+
+def assistant_labels(rows: Sequence[Sequence[Example]]) -> int:
+    """Positions that count in the loss: tokens after the first of an example that are the
+    assistant's."""
+    return sum(sum(e.mask[1:]) for row in rows for e in row)
+
+
+def token_share(mine: Sequence[Sequence[Example]], picks: Sequence[Sequence[Example]],
+                world_size: int) -> float:
+    """What a rank's mean loss is scaled by so that, once data parallelism averages the ranks'
+    gradients, the step's loss is the mean over all assistant tokens of the global batch (as in
+    one process), not the mean of the ranks' means."""
+    return assistant_labels(mine) * world_size / max(assistant_labels(picks), 1)
+
+
+def rows_fingerprint(rows: list[list[Example]], extra: dict[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for row in rows:
+        for example in row:
+            digest.update(np.asarray(example.ids, dtype=np.int64).tobytes())
+            digest.update(np.packbits(np.asarray(example.mask, dtype=bool)).tobytes())
+            digest.update(b"|")
+        digest.update(b"#")
+    return digest.hexdigest()
+
+
+class ChatRowStream:
+    """An endless stream of collated batches over `rows`, in a seeded random order redrawn each
+    epoch. With `world_size` > 1 each global batch of `batch_size * world_size` rows is cut into
+    per-rank slices, so the state is the same on every rank. `state_dict()` is small and JSON-able;
+    a fresh stream over the same rows continues exactly from it."""
+
+    def __init__(self, rows: list[list[Example]], *, batch_size: int, pad_id: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, fingerprint: str = ""):
+        if not rows:
+            raise MinimaError("no training examples")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise MinimaError(f"bad batch size {batch_size} or rank {rank} of {world_size}")
+        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
+        self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint
+        self.epoch, self.index, self.batches_served, self.tokens_served = 0, 0, 0, 0
+        self.resumed_tokens = 0  # tokens served before this process resumed the stream
+        self._order = self.order(0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(len(self.rows))
+
+    def __iter__(self) -> ChatRowStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        picks = []
+        for _ in range(self.batch_size * self.world_size):
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self.order(self.epoch)
+            picks.append(self.rows[int(self._order[self.index])])
+            self.index += 1
+        self.batches_served += 1
+        self.tokens_served += sum(len(e.ids) for row in picks for e in row)
+        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        batch = collate(mine, self.pad_id)
+        batch["share"] = torch.tensor(token_share(mine, picks, self.world_size))
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
+                "epoch": self.epoch, "index": self.index, "batches_served": self.batches_served,
+                "tokens_served": self.tokens_served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise MinimaError("unsupported data position (saved by another minima version?)")
+        if state.get("fingerprint") != self.fingerprint or state.get("seed") != self.seed:
+            raise MinimaError("the saved data position belongs to a different run (data mismatch)")
+        if not 0 <= int(state["index"]) <= len(self.rows):
+            raise MinimaError("the saved data position does not fit this data (data mismatch)")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.batches_served = int(state["batches_served"])
+        self.tokens_served = self.resumed_tokens = int(state["tokens_served"])
+        self._order = self.order(self.epoch)
+
+
+def split_conversations(n: int, *, seed: int, valid_fraction: float) -> tuple[list[int], list[int]]:
+    """(train, valid) indices: a seeded `valid_fraction` of the conversations (at least one)."""
+    if not 0 <= valid_fraction < 1:
+        raise MinimaError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
+    n_valid = max(1, round(valid_fraction * n)) if valid_fraction else 0
+    if n_valid >= n:
+        raise MinimaError(f"the validation split takes {n_valid} of {n} conversations: nothing "
+                          "is left for training")
+    order = np.random.default_rng([seed, _SPLIT]).permutation(n)
+    held = set(order[:n_valid].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+# --- the loss and the validation loss ------------------------------------------------------------
+
+
+def assistant_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the counted (assistant) positions, and their number; only those
+    rows of the logits are upcast to float32."""
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    picked = logits.reshape(-1, logits.shape[-1])[keep].float()
+    return torch.nn.functional.cross_entropy(picked, labels.reshape(-1)[keep],
+                                             reduction="sum"), int(keep.sum())
+
+
+def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size: int):
+    """`loss_fn(model, batch) -> (loss, parts)`: the mean assistant-token CE, or with a teacher
+    distill's `alpha * CE + (1 - alpha) * KD` over the same tokens; times the batch's `share`
+    under data parallelism (`token_share`). The parts are this rank's unscaled means."""
+
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        # no KV cache: with one, transformers skips the packed-sequence mask (and it wastes memory)
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                  "use_cache": False}
+        logits = model(**inputs).logits
+        share = batch.get("share", 1.0)
+        if teacher is None:
+            total, count = assistant_ce(logits, batch["labels"])
+            loss = total / max(count, 1)
+            return loss * share, {"ce": loss.detach()}
+        with torch.no_grad():
+            target = teacher(**inputs).logits
+        if config.loss == "topk":
+            target = TopK(*teacher_topk(target, config.topk, vocab_size))
+        loss, parts = distillation_loss(
+            logits, target, batch["labels"], alpha=config.alpha, kind=config.loss,
+            topk_mode=config.topk_mode, temperature=config.temperature, beta=config.beta,
+            vocab_size=vocab_size)
+        return loss * share, {"ce": parts["ce"], "kd": parts["kd"]}
+
+    return loss_fn
+
+
+def make_evaluate_fn(rows: list[list[Example]], batch_size: int, pad_id: int, device: Any):
+    """`evaluate_fn(model)`: the held-out examples' mean cross-entropy per assistant token."""
+
+    @torch.no_grad()
+    def evaluate_fn(model: torch.nn.Module) -> float:
+        model.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id)
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           position_ids=batch["position_ids"].to(device), use_cache=False).logits
+            summed, n = assistant_ce(logits, batch["labels"].to(device))
+            total, count = total + float(summed), count + n
+        return total / max(count, 1)
+
+    return evaluate_fn
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SftConfig(DistillConfig):
+    """An sft run (its hash guards --resume): distill's optimisation and (teacher) losses with
+    MiniChat's defaults, plus packing and epochs. `max_steps` 0 means `epochs` passes."""
+
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    max_steps: int = 0
+    epochs: float = 3.0
+    packing: bool = False
+
+    def check(self) -> None:
+        DistillConfig.check(dataclasses.replace(self, max_steps=self.max_steps or 1))
+        if self.max_steps < 0:
+            raise MinimaError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise MinimaError(f"--epochs must be positive, got {self.epochs}")
+        if self.max_tokens:
+            raise MinimaError("sft counts --epochs or --max-steps, not --max-tokens")
+        if self.hidden_weight:
+            raise MinimaError("sft has no hidden-state loss")
+
+    def steps_for(self, n_rows: int, world_size: int) -> int:
+        """`max_steps`, or the optimizer steps of `epochs` passes over `n_rows` rows."""
+        if self.max_steps:
+            return self.max_steps
+        per_step = self.batch_size * self.grad_accum * world_size
+        return max(1, math.ceil(self.epochs * n_rows / per_step))
+
+
+@dataclass
+class ChatData:
+    train_rows: list[list[Example]]
+    valid_rows: list[list[Example]]
+    summary: dict[str, Any]
+    fingerprint: str
+
+
+def prepare_chat(data: str, tokenizer: Any, template: str, config: SftConfig, *,
+                 valid_data: str | None = None, progress: bool = False) -> ChatData:
+    """Read, split, encode, fit and (optionally) pack the training and validation examples."""
+    conversations, summary = read_chat(data)
+    if valid_data is not None:
+        train_convs = conversations
+        valid_convs, valid_summary = read_chat(valid_data)
+        summary["valid"] = valid_summary
+    else:
+        if not config.valid_fraction:
+            raise MinimaError("sft validates on held-out conversations: give --valid-fraction "
+                              "> 0 or --valid-data")
+        train_idx, valid_idx = split_conversations(len(conversations), seed=config.seed,
+                                                   valid_fraction=config.valid_fraction)
+        train_convs = [conversations[i] for i in train_idx]
+        valid_convs = [conversations[i] for i in valid_idx]
+    sets = {}
+    for name, convs in (("train", train_convs), ("valid", valid_convs)):
+        examples, counts = fit_examples(
+            encode_conversations(tokenizer, template, convs, progress=progress), config.seq_len)
+        if not examples:
+            raise MinimaError(f"no {name} example keeps an assistant token within --seq-len "
+                              f"{config.seq_len}")
+        rows = make_rows(examples, config.seq_len, config.packing)
+        sets[name] = rows
+        summary[f"{name}_examples"] = len(examples)
+        summary[f"{name}_rows"] = len(rows)
+        summary[f"{name}_truncated"], summary[f"{name}_dropped"] = (counts["truncated"],
+                                                                    counts["dropped"])
+        summary[f"{name}_assistant_tokens"] = assistant_labels(rows)
+        summary[f"{name}_tokens"] = sum(len(e.ids) for e in examples)
+    fingerprint = rows_fingerprint(sets["train"] + [[]] + sets["valid"],
+                                   {"seq_len": config.seq_len, "packing": config.packing})
+    summary.update(seq_len=config.seq_len, packing=config.packing, fingerprint=fingerprint)
+    return ChatData(sets["train"], sets["valid"], summary, fingerprint)
+
+
+def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
+            teacher_path: str | None = None, valid_data: str | None = None,
+            resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    config.check()
+    check_output(output, force)
+    run_dir = output.with_name(f"{output.name}.run")
+    if run_dir.exists() and not resume and list_checkpoints(run_dir / "checkpoints"):
+        raise MinimaError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
+                          "continue it, or delete it")
+    source = resolve_model(model_path)
+    max_positions = getattr(load_config(source), "max_position_embeddings", None)
+    if max_positions and config.seq_len > max_positions:
+        raise MinimaError(f"--seq-len {config.seq_len} exceeds the model's {max_positions} "
+                          "positions")
+    tokenizer = load_tokenizer(source)
+    teacher_src = resolve_model(teacher_path) if teacher_path else None
+    if teacher_src is not None:
+        check_same_tokenizer(load_tokenizer(teacher_src), tokenizer)
+    template, default_template = chat_template_of(tokenizer)
+    missing = missing_chatml_tokens(tokenizer) if default_template else []
+    if missing and teacher_src is not None:
+        raise MinimaError(f"the tokenizer has no chat template and no {' / '.join(missing)} "
+                          "tokens for the ChatML default, and with a teacher minima cannot add "
+                          "them: give both models a chat template")
+    if missing:
+        from tokenizers import AddedToken
+
+        # the ids the model will learn (the embeddings grow once the model is loaded)
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
+                             special_tokens=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+        tokenizer.eos_token_id or 0)
+    chat = prepare_chat(data, tokenizer, template, config, valid_data=valid_data,
+                        progress=progress)
+    session = open_session(config)
+    config = dataclasses.replace(config, max_steps=config.steps_for(len(chat.train_rows),
+                                                                    session.world_size))
+    torch.manual_seed(config.seed)
+    teacher = None
+    if teacher_src is not None:
+        teacher = load_model(teacher_src).eval().requires_grad_(False)
+        if session.precision == "bf16":
+            teacher = teacher.to(torch.bfloat16)
+        teacher = session.prepare_teacher(teacher)
+    model = load_model(source)
+    if missing and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    stream = ChatRowStream(chat.train_rows, batch_size=config.batch_size, pad_id=pad_id,
+                           seed=config.seed, rank=session.rank, world_size=session.world_size,
+                           fingerprint=chat.fingerprint)
+    run_id = {"config": config.fingerprint(), "data": chat.fingerprint,
+              "model": model_fingerprint(source),
+              "teacher": model_fingerprint(teacher_src) if teacher_src else None}
+    result = train(session=session, model=model, loss_fn=make_loss_fn(config, teacher,
+                                                                      len(tokenizer)),
+                   stream=stream, valid_blocks=None, config=config, run_dir=run_dir,
+                   run_id=run_id, resume=resume, progress=progress, description="sft",
+                   evaluate_fn=make_evaluate_fn(chat.valid_rows, config.batch_size, pad_id,
+                                                session.device))
+
+    def write_extra(tmp: Path) -> dict[str, Any]:
+        copy_tokenizer_files(source, tmp)
+        if missing:
+            tokenizer.save_pretrained(tmp)
+        if default_template:
+            save_chat_template(tmp, tokenizer)
+        shutil.copy2(run_dir / "log.jsonl", tmp / "log.jsonl")
+        if (run_dir / "tensorboard").is_dir():
+            shutil.copytree(run_dir / "tensorboard", tmp / "tensorboard")
+        chat.summary["chat_template"] = "chatml (minima default)" if default_template else \
+            "the tokenizer's"
+        if missing:
+            chat.summary["added_tokens"] = missing
+        return write_manifest(
+            tmp, "sft",
+            inputs={"model": {"path": str(source), "fingerprint": run_id["model"]},
+                    "teacher": ({"path": str(teacher_src), "fingerprint": run_id["teacher"]}
+                                if teacher_src else None),
+                    "data": chat.summary},
+            config=asdict(config),
+            metrics={**result.metrics, "steps": result.steps,
+                     "tokens": stream.tokens_served,  # real tokens, padding excluded
+                     "world_size": session.world_size, "precision": session.precision,
+                     "tokens_per_s": (stream.tokens_served - stream.resumed_tokens)
+                     / max(result.seconds, 1e-9)},
+            wall_time_s=result.seconds)
+
+    manifest = save_final_model(session, result.model, output, force, write_extra)
+    if session.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    session.close()
+    return manifest
+
+
+def save_chat_template(directory: Path, tokenizer: Any) -> None:
+    """Write minima's ChatML as the model's chat template (`chat_template.jinja`, which
+    transformers loads with the tokenizer) and make `<|im_end|>` end generation too."""
+    from transformers import GenerationConfig
+
+    (directory / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    try:
+        generation = GenerationConfig.from_pretrained(directory)
+    except OSError:
+        generation = GenerationConfig()
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for token_id in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)):
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
+    generation.eos_token_id = eos
+    generation.save_pretrained(directory)
