@@ -43,7 +43,7 @@ from minima_cli.losses import (
     hidden_state_mse,
 )
 from minima_cli.teacher_cache import TeacherCache, teacher_topk
-from minima_cli.train import TrainConfig, open_session, save_final_model, train
+from minima_cli.train import TrainConfig, load_teacher, open_session, save_final_model, train
 from minima_cli.train_state import list_checkpoints
 
 LOSSES = KINDS  # fkl, rkl, jsd, topk
@@ -176,12 +176,14 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
 
     def loss_fn(student: torch.nn.Module, batch: torch.Tensor):
         want_hidden = hidden is not None
-        out = student(input_ids=batch, output_hidden_states=want_hidden)
+        # use_cache=False: no KV cache is built in training (memory, and it would be unused)
+        out = student(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
         if cache is not None:
             target: torch.Tensor | TopK = cache.lookup(stream.last_picks, batch.device)
         else:
             with torch.no_grad():
-                teacher_out = teacher(input_ids=batch, output_hidden_states=want_hidden)
+                teacher_out = teacher(input_ids=batch, output_hidden_states=want_hidden,
+                                      use_cache=False)
             target = teacher_out.logits
             if config.loss == "topk":
                 target = TopK(*teacher_topk(target, config.topk, vocab_size))
@@ -253,10 +255,7 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
     torch.manual_seed(config.seed)
     teacher = None
     if teacher_src is not None:
-        teacher = load_model(teacher_src).eval().requires_grad_(False)
-        if session.precision == "bf16":
-            teacher = teacher.to(torch.bfloat16)
-        teacher = session.prepare_teacher(teacher)
+        teacher = load_teacher(teacher_src, session)
     student = load_model(student_src)
     stream = prepared.stream(config.batch_size, rank=session.rank,
                              world_size=session.world_size)

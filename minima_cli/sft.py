@@ -55,7 +55,7 @@ from minima_cli.errors import MinimaError
 from minima_cli.losses import IGNORE_INDEX, TopK, distillation_loss
 from minima_cli.progress import step_progress
 from minima_cli.teacher_cache import teacher_topk
-from minima_cli.train import open_session, save_final_model, train
+from minima_cli.train import load_teacher, open_session, save_final_model, train
 from minima_cli.train_state import list_checkpoints
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -677,10 +677,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
     torch.manual_seed(config.seed)
     teacher = None
     if teacher_src is not None:
-        teacher = load_model(teacher_src).eval().requires_grad_(False)
-        if session.precision == "bf16":
-            teacher = teacher.to(torch.bfloat16)
-        teacher = session.prepare_teacher(teacher)
+        teacher = load_teacher(teacher_src, session)
     model = load_model(source)
     if missing and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)

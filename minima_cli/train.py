@@ -299,7 +299,7 @@ class AccelerateSession:
             precision = "bf16" if self.ds_config["bf16"]["enabled"] else "fp32"
         if AcceleratorState._shared_state:  # a fresh state per run (tests run several in-process)
             AcceleratorState._reset_state(reset_partial_state=True)
-        if device.type == "cpu" and (world > 1 or self.ds_config):
+        if device.type == "cpu" and self.ds_config:
             from accelerate.state import PartialState
 
             PartialState(backend="gloo")  # accelerate picks no CPU backend for DeepSpeed itself
@@ -307,6 +307,9 @@ class AccelerateSession:
             plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config) if self.ds_config else None
             self.accelerator = Accelerator(
                 deepspeed_plugin=plugin,
+                # CPUs without DeepSpeed: cpu=True is what makes accelerate set up MULTI_CPU
+                # (gloo DDP); otherwise it reports a world of one and never averages gradients
+                cpu=device.type == "cpu" and plugin is None,
                 mixed_precision="bf16" if precision == "bf16" and plugin else "no")
         except (ValueError, TypeError, KeyError) as e:
             raise MinimaError(f"invalid DeepSpeed config {config.deepspeed}: {e}") from None
@@ -400,6 +403,17 @@ class AccelerateSession:
 
     def close(self) -> None:
         self.accelerator.end_training()
+
+
+def load_teacher(source: Any, session) -> torch.nn.Module:
+    """The frozen teacher: eval mode, no grad, bf16 when the run is, and placed (or ZeRO-3
+    partitioned) by the session."""
+    from minima_cli.checkpoint import load_model
+
+    teacher = load_model(source).eval().requires_grad_(False)
+    if session.precision == "bf16":
+        teacher = teacher.to(torch.bfloat16)
+    return session.prepare_teacher(teacher)
 
 
 def open_session(config: TrainConfig) -> LocalSession | AccelerateSession:
@@ -530,7 +544,6 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
     start = time.perf_counter()
     with step_progress(description, total_steps, enabled=progress and session.is_main,
                        loss=float("nan")) as bar:
-        bar.update(0)
         for step in range(first_step, total_steps):
             step_start = time.perf_counter()
             lr = learning_rate(step, peak=config.lr, total_steps=total_steps,

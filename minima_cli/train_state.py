@@ -35,7 +35,7 @@ def evaluate_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int 
     total = 0.0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start : start + batch_size]
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+        total += model(input_ids=batch, labels=batch, use_cache=False).loss.item() * len(batch)
     return total / len(blocks)
 
 

@@ -113,3 +113,11 @@ def test_zero3_writes_a_loadable_consolidated_student(tiny_world, pruned, refere
 
     manifest = json.loads((out / "minima.json").read_text())
     assert manifest["metrics"]["world_size"] == 2
+
+
+def test_two_ranks_without_deepspeed_average_gradients(tiny_world, pruned, reference,  # noqa: F811
+                                                      tmp_path):
+    """Plain DDP over gloo: the same weights as one process with the same global batch."""
+    out = tmp_path / "ddp"
+    finish(torchrun(distill_args(tiny_world, pruned, out, batch_size=2)))
+    assert_close(reference, out, atol=1e-4)
