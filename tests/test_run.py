@@ -1,0 +1,154 @@
+"""`minima run` on the shipped tiny recipe (shrunk with --set so it stays fast): the whole chain
+runs, the distilled student beats the just-pruned one, a second run redoes nothing, a run killed in
+the middle of distill resumes to the same weights without redoing finished stages, a changed
+setting re-runs only what it makes stale, and `minima report` writes the table and plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import kill_at_checkpoint, run_cli
+from safetensors.torch import load_file
+
+from minima_cli.recipe import load_recipe
+from minima_cli.run import HASH_FILE, resume_decision
+from minima_cli.train_state import STATE_FILE
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+# The tiny recipe at test size: a smaller world, a few steps of each training stage, and every
+# eval task on its first 30 items. Checkpoints every 2 steps for the kill test.
+SMALL = ["tiny.documents=400", "tiny.steps=30", "score.batches=2", "distill.max_steps=12",
+         "distill.seq_len=32", "distill.batch_size=4", "distill.eval_every=4",
+         "distill.save_every=2", "sft.max_steps=4", "sft.eval_every=2", "sft.save_every=2",
+         "eval.limit=30"]
+
+
+def run_args(workdir: Path, *extra: str) -> list[str]:
+    args = ["run", str(RECIPE), "--workdir", str(workdir), "-q"]
+    for item in SMALL:
+        args += ["--set", item]
+    return [*args, *extra]
+
+
+def statuses(stdout: str) -> dict[str, str]:
+    """stage -> status from the summary table's rows."""
+    found = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) > 2 and cells[0] in ("tiny", "score", "prune", "distill", "sft", "eval"):
+            found[cells[0]] = cells[1]
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, str]:
+    """The tiny recipe run once, uninterrupted: (workdir, the summary printed)."""
+    from minima_cli.cli import main
+
+    workdir = tmp_path_factory.mktemp("pipeline") / "tiny"
+    import io
+    from contextlib import redirect_stdout
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = main(run_args(workdir))
+    assert code == 0, buffer.getvalue()[-3000:]
+    return workdir, buffer.getvalue()
+
+
+def test_tiny_recipe_end_to_end_distilled_beats_pruned(finished):
+    workdir, stdout = finished
+    assert statuses(stdout) == dict.fromkeys(["tiny", "score", "prune", "distill", "sft",
+                                              "eval"], "ran")
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    ppl = {m["name"]: m["tasks"]["ppl:valid"]["ppl"] for m in results["models"]}
+    assert list(ppl) == ["teacher", "pruned", "distilled", "sft"]
+    assert ppl["distilled"] < ppl["pruned"], ppl
+    params = {m["name"]: m["parameters"] for m in results["models"]}
+    assert params["pruned"] == params["distilled"] < params["teacher"]
+    for stage in ("tiny", "score", "prune", "distill", "sft", "eval"):
+        stamp = json.loads((workdir / stage / "minima.json").read_text())["recipe"]
+        assert len(stamp["hash"]) == 16 and stamp["seconds"] > 0
+    assert not (workdir / "distill.run").exists() and (workdir / "recipe.yaml").is_file()
+    assert f"{ppl['distilled']:.2f}" in stdout and f"{ppl['pruned']:.2f}" in stdout
+
+
+def test_report_writes_table_and_plots(finished, capsys):
+    workdir, _ = finished
+    code, out, err = run_cli(["report", workdir], capsys)
+    assert code == 0, err
+    report = workdir / "report" / "report.md"
+    assert str(report) in out
+    text = report.read_text()
+    assert "| distill | done |" in text and "distilled" in text and "ppl valid" in text
+    for image in ("loss.png", "scores.png", "params_ppl.png"):
+        assert f"]({image})" in text
+        assert (workdir / "report" / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run_cli(["report", workdir / "nowhere"], capsys)
+    assert code == 2 and "workdir not found" in err
+
+
+def test_second_run_redoes_nothing(finished, capsys):
+    workdir, _ = finished
+    weights = workdir / "distill" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    code, out, err = run_cli(run_args(workdir), capsys)
+    assert code == 0, err
+    assert set(statuses(out).values()) == {"up to date"}
+    assert weights.stat().st_mtime_ns == before
+    code, out, err = run_cli(run_args(workdir, "--dry-run", "--set", "sft.lr=5e-3"), capsys)
+    assert code == 0, err
+    plan = {cells[0]: cells[1] for cells in (
+        [c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines())
+        if len(cells) > 1}
+    assert plan["distill"] == "up to date" and plan["sft"] == "run (stale)"
+    assert plan["eval"] == "run (after sft)"
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_killed_run_resumes_and_finished_stages_are_not_redone(finished, tmp_path, capsys):
+    reference, _ = finished
+    workdir = tmp_path / "moved"  # a copy elsewhere: hashes use contents, not paths
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("distill", "sft", "eval",
+                                                                      "report"))
+    kept = {s: (workdir / s / "minima.json").read_text() for s in ("tiny", "score", "prune")}
+    checkpoints = workdir / "distill.run" / "checkpoints"
+    kill_at_checkpoint(run_args(workdir, "--until", "distill"), checkpoints, 4, timeout=240)
+    assert (checkpoints / "step-00000004").is_dir() and not (workdir / "distill").exists(), \
+        "killed mid-distill"
+
+    code, out, err = run_cli(run_args(workdir, "--until", "distill"), capsys)
+    assert code == 0, err
+    assert statuses(out) == {"tiny": "up to date", "score": "up to date",
+                             "prune": "up to date", "distill": "resumed", "sft": "not selected",
+                             "eval": "not selected"}
+    assert kept == {s: (workdir / s / "minima.json").read_text() for s in kept}
+    expected = load_file(reference / "distill" / "model.safetensors")
+    actual = load_file(workdir / "distill" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+    # A changed setting re-runs what it makes stale, and only that.
+    code, out, err = run_cli(run_args(workdir, "--until", "prune", "--set", "prune.ratio=0.6"),
+                             capsys)
+    assert code == 0, err
+    assert statuses(out) == {"tiny": "up to date", "score": "up to date", "prune": "ran",
+                             "distill": "done earlier", "sft": "not selected",
+                             "eval": "not selected"}
+
+
+def test_resume_only_under_the_same_hash(tmp_path):
+    recipe = load_recipe(RECIPE, workdir=tmp_path / "w")
+    run_dir = tmp_path / "w" / "distill.run"
+    step = run_dir / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / STATE_FILE).write_text("{}")
+    (run_dir / HASH_FILE).write_text("aaaa\n")
+    assert resume_decision(recipe, "distill", "aaaa", is_main=True)
+    assert not resume_decision(recipe, "distill", "bbbb", is_main=True)
+    assert not step.exists() and (run_dir / HASH_FILE).read_text() == "bbbb\n"
+    assert not resume_decision(recipe, "score", "bbbb", is_main=True)
