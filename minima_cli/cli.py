@@ -650,13 +650,13 @@ def run_command(
     from minima_cli.run import run_recipe, summary_table
 
     loaded = load_recipe(recipe, overrides or [], workdir)
+    wide = out if out.is_terminal else Console(soft_wrap=True, width=160)  # not a pipe's 80
     if dry_run:
-        out.print(plan_of(loaded, start=start, stop=until, force=force))
+        wide.print(plan_of(loaded, start=start, stop=until, force=force))
         return
     runs = run_recipe(loaded, start=start, stop=until, force=force, progress=not quiet,
                       console=out)
-    if os.environ.get("RANK", "0") == "0":  # a table too wide for a pipe's 80 columns
-        wide = out if out.is_terminal else Console(soft_wrap=True, width=160)
+    if os.environ.get("RANK", "0") == "0":
         wide.print(summary_table(loaded, runs))
 
 

@@ -460,7 +460,7 @@ class Checker:
         self.path, self.overridden = path, overridden
 
     def fail(self, key: str, message: str) -> MinimaError:
-        parts = key.split(".")
+        parts = re.sub(r"\[\d+\]$", "", key).split(".")  # eval.tasks[0] -> eval.tasks
         prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
         source = "--set" if prefixes & self.overridden else str(self.path)
         return MinimaError(f"{source}: {key}: {message}")

@@ -153,16 +153,15 @@ def summary_rows(collected: dict[str, Any], runs: dict[str, Any] | None = None
     return header, rows
 
 
-def perplexity_points(collected: dict[str, Any]) -> list[tuple[str, int, float]]:
-    """(model, parameters, perplexity on the first ppl task) of every evaluated model."""
+def perplexity_points(collected: dict[str, Any]) -> tuple[str, list[tuple[str, int, float]]]:
+    """The first perplexity task, and (model, parameters, its perplexity) per evaluated model."""
     results = collected["results"]
-    if not results:
-        return []
-    ppl_tasks = [t["name"] for t in results["tasks"] if t["kind"] == "ppl"]
+    ppl_tasks = [t["name"] for t in (results or {}).get("tasks", []) if t["kind"] == "ppl"]
     if not ppl_tasks:
-        return []
-    return [(m["name"], m["parameters"], m["tasks"][ppl_tasks[0]]["ppl"])
-            for m in results["models"] if ppl_tasks[0] in m["tasks"]]
+        return "", []
+    task = ppl_tasks[0]
+    return task, [(m["name"], m["parameters"], m["tasks"][task]["ppl"])
+                  for m in results["models"] if task in m["tasks"]]
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -175,6 +174,10 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+LOSS_TITLES = {"distill": "distill: alpha CE + (1 - alpha) KD; validation: held-out LM loss",
+               "sft": "sft: loss on assistant tokens (held-out conversations)"}
 
 
 def plot_losses(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
@@ -193,7 +196,7 @@ def plot_losses(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
         valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
         if valid:
             ax.plot(*zip(*valid, strict=True), "o-", label="validation loss")
-        ax.set_title(stage)
+        ax.set_title(LOSS_TITLES.get(stage, stage), fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats / token)")
         ax.grid(alpha=0.3)
@@ -252,7 +255,7 @@ def plot_params_ppl(points: list[tuple[str, int, float]], path: Path, task: str 
         ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_count(x)))
     ax.set_xlabel("parameters")
-    ax.set_ylabel(f"perplexity {task}".strip())
+    ax.set_ylabel(f"perplexity ({task})" if task else "perplexity")
     ax.set_title("size vs perplexity (lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -316,8 +319,8 @@ def write_report(workdir: str | Path) -> Path:
 
             if plot_scores(load_file(scores_file), tmp / "scores.png"):
                 plots["scores"] = "scores.png"
-        points = perplexity_points(collected)
-        if plot_params_ppl(points, tmp / "params_ppl.png"):
+        task, points = perplexity_points(collected)
+        if plot_params_ppl(points, tmp / "params_ppl.png", task):
             plots["params_ppl"] = "params_ppl.png"
         (tmp / "report.md").write_text(render_markdown(collected, plots))
     return output / "report.md"

@@ -545,7 +545,7 @@ def dry_run(recipe: Recipe, *, start: str | None = None, stop: str | None = None
     for stage in recipe.stages:
         upstream = [r for r in references(recipe.stages[stage]) if r in will_run]
         status = "not selected" if stage not in selected else \
-            f"run (after {upstream[0]})" if upstream else dry_run_status(recipe, stage, force)
+            f"run (after {upstream[-1]})" if upstream else dry_run_status(recipe, stage, force)
         if status.startswith(("run", "resume")):
             will_run.add(stage)
         plan.add_row(stage, status, stage_summary(recipe, stage))

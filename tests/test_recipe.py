@@ -111,6 +111,8 @@ def test_overrides_win_and_their_errors_name_set(base, tmp_path):
     assert recipe.workdir == tmp_path / "other" and "sft" not in recipe.stages
     with pytest.raises(MinimaError, match=r"^--set: distill.max_stepz: unknown key \(did you "):
         load_recipe(path, ["distill.max_stepz=7"])
+    with pytest.raises(MinimaError, match=r"^--set: eval.tasks\[0\]: unknown task kind 'pp'"):
+        load_recipe(path, ['eval.tasks=["pp:x.txt"]'])
     with pytest.raises(MinimaError, match="expected KEY=VALUE"):
         load_recipe(path, ["distill.max_steps"])
 
