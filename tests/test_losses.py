@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from minima_cli import losses
 from minima_cli.losses import (
     TeacherHead,
     TopK,
@@ -226,6 +227,32 @@ def test_distillation_loss_mixes_ce_and_kd(alpha, teacher_kind):
     valid = (labels != -100) & mask
     ce = torch.nn.functional.cross_entropy(s[valid], labels[valid])
     torch.testing.assert_close(parts["ce"], ce, **TOL)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "topk"])
+@pytest.mark.parametrize("alpha,temperature", [(0.0, 1.0), (0.5, 1.0), (0.5, 2.0)])
+def test_row_range_and_gathered_chunks_agree_and_skip_bad_uncounted_rows(
+        kind, alpha, temperature, monkeypatch):
+    # Most tokens count (a causal LM drops the last label of each sequence): chunks are row
+    # ranges whose uncounted rows are computed, then excluded. Their inf/NaN logits must not
+    # leak, and both chunkings must agree with the naive loss.
+    s, t = logits(2, N, V, seed=40), logits(2, N, V, seed=41)
+    labels = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(4))
+    labels[:, -1] = -100
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[0, 5] = False
+    bad = s.clone()
+    bad[0, 5, 3], bad[1, -1, :] = math.inf, math.nan
+    teacher = topk_of(t, 6) if kind == "topk" else t
+    opts = {"alpha": alpha, "kind": kind, "temperature": temperature, "mask": mask,
+            "topk_mode": "tail" if temperature == 1 else "renorm"}
+    reference = value_and_grad(
+        lambda x: naive_distillation_loss(x, teacher, labels, **opts)[0], s)
+    for dense_fraction in (0.0, 2.0):  # every chunk a row range / every chunk gathered
+        monkeypatch.setattr(losses, "DENSE_FRACTION", dense_fraction)
+        chunked = value_and_grad(lambda x: distillation_loss(
+            x, teacher, labels, chunk_tokens=6, **opts)[0], bad)
+        assert_same(chunked, reference)
 
 
 def test_minima_recipe_soft_ce_has_forward_kl_gradient():
