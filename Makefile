@@ -14,7 +14,7 @@ RECIPE ?= recipes/tiny.yaml
 RUN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint demo bench clean pipeline dry-run report smollm2 \
+.PHONY: venv test test-fast lint demo bench bench-quality clean pipeline dry-run report smollm2 \
 	tiny score prune distill sft eval
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
@@ -82,10 +82,21 @@ runs/smollm2/text/train.jsonl: | $(VENV)/.installed
 smollm2: runs/smollm2/text/train.jsonl
 	$(MAKE) pipeline RECIPE=recipes/smollm2.yaml
 
+# speed and memory ratios against a baseline measured in the same run (~15 minutes, 2 cores)
 bench: venv
 	$(PY) bench/score.py
 	$(PY) bench/prune.py
 	$(PY) bench/score_quality.py
+	$(PY) bench/kd_loss_memory.py
+	$(PY) bench/distill.py
+
+# quality at equal budgets: KD vs CE only, sft, MiniDisc, the capacity gap, SmolLM2 (hours)
+bench-quality: venv
+	$(PY) bench/distill_quality.py
+	$(PY) bench/sft_quality.py
+	$(PY) bench/schedule.py
+	$(PY) bench/capacity_gap_sweep.py --output runs/bench/sweep
+	$(PY) bench/distill_smollm2.py --workdir runs/bench/smollm2
 
 clean:
 	rm -rf $(DEMO) demo .pytest_cache .ruff_cache

@@ -12,7 +12,8 @@ bf16 matmuls ~70x slower than fp32 (measured on the 2-core AMD EPYC this was wri
 floor and plain loops in bf16 autocast) only finishes there on a tiny configuration.
 
 Sides, interleaved per round (minima, floor, plain, TRL), medians of the rounds; every side's
-time is per step over steps --warmup-steps+1..--steps (warm-up excluded):
+time is per step over steps --warmup-steps+1..--steps (warm-up excluded). Every side steps
+PyTorch's fused AdamW (`minima_cli.train_state.adamw`; TRL's default `adamw_torch_fused`):
 - minima: `run_distill(...)` with alpha 0 (pure forward KL, TRL's GKD loss with beta 0), T = 1,
   no checkpoint, validation only after the last step. Steps are timed between the ends of its
   optimizer steps (a global optimizer-step hook: run_distill is not modified), so data, both
@@ -62,6 +63,7 @@ from minima_cli.data import prepare_data  # noqa: E402
 from minima_cli.distill import DistillConfig, run_distill  # noqa: E402
 from minima_cli.losses import naive_kd_loss  # noqa: E402
 from minima_cli.tiny import train_tokenizer  # noqa: E402
+from minima_cli.train_state import adamw  # noqa: E402
 
 STEP_GOAL = 1.1  # minima step / floor step, at most
 TRL_GOAL = 1.7  # minima tokens/s / TRL tokens/s, at least
@@ -175,7 +177,7 @@ def batches(blocks: torch.Tensor, args: argparse.Namespace) -> Iterator[torch.Te
 def floor_seconds(paths, blocks, args) -> tuple[float, float]:
     """(teacher forward, student forward+backward+AdamW) seconds per step, steps after warm-up."""
     teacher, student = load_pair(paths)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=BETAS, eps=1e-8)
+    optimizer = adamw([{"params": list(student.parameters())}], LR)
     t_times, s_times = [], []
     with autocast(args.precision):
         for batch in batches(blocks, args):
@@ -195,7 +197,7 @@ def floor_seconds(paths, blocks, args) -> tuple[float, float]:
 def plain_seconds(paths, blocks, args) -> float:
     """Seconds per step of a bare loop with TRL's unchunked forward-KL recipe."""
     teacher, student = load_pair(paths)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=BETAS, eps=1e-8)
+    optimizer = adamw([{"params": list(student.parameters())}], LR)
     times = []
     with autocast(args.precision):
         for batch in batches(blocks, args):
@@ -235,7 +237,8 @@ def trl_seconds(paths, blocks, out: Path, args) -> float:
     config = GKDConfig(
         output_dir=str(out), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LR,
-        adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=1e-8, weight_decay=0.1,
+        optim="adamw_torch_fused", adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=1e-8,
+        weight_decay=0.1,
         max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
         lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_length=args.seq_len,
         bf16=args.precision == "bf16", fp16=False, use_cpu=True, seed=0,
@@ -282,7 +285,7 @@ def profile_minima_step(paths, blocks, args) -> None:
     from minima_cli.losses import distillation_loss
 
     teacher, student = load_pair(paths)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=BETAS, eps=1e-8)
+    optimizer = adamw([{"params": list(student.parameters())}], LR)
     vocab = len(student_tokenizer(paths))
     sections: dict[str, list[float]] = {}
 

@@ -9,6 +9,7 @@ Security: weights load from safetensors (or GGUF) only; pickle checkpoints are r
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -109,15 +110,22 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own tqdm bars ("Loading weights", "Writing model shards") for a
-    moment: minima's stages show their own progress."""
+    """Silence transformers' own tqdm bars ("Loading weights", "Writing model shards", and the
+    GGUF reader's "Converting and de-quantizing", a plain tqdm that ignores transformers'
+    switch) for a moment: minima's stages show their own progress."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
         if was_enabled:
             hf_logging.enable_progress_bar()
 

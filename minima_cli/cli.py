@@ -267,7 +267,9 @@ def distill(
     loss: str = typer.Option("fkl", help="fkl (forward KL, MiniMA), rkl, jsd (GKD), or topk "
                              "(forward KL on the teacher's top-k)."),
     temperature: float = typer.Option(1.0, help="Softmax temperature T (losses scaled by T^2)."),
-    alpha: float = typer.Option(0.5, help="Weight of the LM cross-entropy; 1 - alpha on KD."),
+    alpha: float = typer.Option(0.5, help="Weight of the LM cross-entropy; 1 - alpha on KD. "
+                                "1 (without --hidden-weight): the LM loss alone, a CE-only "
+                                "baseline; the teacher is not loaded."),
     beta: float = typer.Option(0.5, help="JSD interpolation weight (jsd only)."),
     topk: int = typer.Option(64, help="Teacher tokens per position for --loss topk (online)."),
     topk_mode: str = typer.Option("renorm", "--topk-mode", help="renorm (top-k renormalised) "

@@ -42,6 +42,7 @@ from minima_cli.losses import (
     distillation_loss,
     hidden_state_mse,
 )
+from minima_cli.progress import console
 from minima_cli.teacher_cache import TeacherCache, teacher_topk
 from minima_cli.train import TrainConfig, load_teacher, open_session, save_final_model, train
 from minima_cli.train_state import list_checkpoints
@@ -168,6 +169,18 @@ def next_token_labels(batch: torch.Tensor) -> torch.Tensor:
     return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], IGNORE_INDEX)], 1)
 
 
+def needs_teacher(config: DistillConfig) -> bool:
+    """alpha 1 without a hidden-state loss is the LM loss alone (a CE-only baseline at the same
+    data, steps and schedule): no teacher forward, no teacher in memory."""
+    return config.alpha < 1 or config.hidden_weight > 0
+
+
+def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the counted labels (-100 is not counted)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
+                                             ignore_index=-100)
+
+
 def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
                  cache: TeacherCache | None, stream: Any, vocab_size: int,
                  hidden: HiddenMap | None):
@@ -178,6 +191,9 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
         want_hidden = hidden is not None
         # use_cache=False: no KV cache is built in training (memory, and it would be unused)
         out = student(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+        if teacher is None and cache is None:  # alpha 1: the LM loss alone (needs_teacher)
+            ce = lm_cross_entropy(out.logits, next_token_labels(batch))
+            return ce, {"ce": ce.detach()}
         if cache is not None:
             target: torch.Tensor | TopK = cache.lookup(stream.last_picks, batch.device)
         else:
@@ -254,8 +270,12 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
         cache.check_data(prepared)
     torch.manual_seed(config.seed)
     teacher = None
-    if teacher_src is not None:
+    if teacher_src is not None and needs_teacher(config):
         teacher = load_teacher(teacher_src, session)
+    elif not needs_teacher(config):
+        cache = None  # nothing is read from it
+        if session.is_main and progress:
+            console.print("[dim]alpha 1: the LM loss alone, the teacher is not loaded[/dim]")
     student = load_model(student_src)
     stream = prepared.stream(config.batch_size, rank=session.rank,
                              world_size=session.world_size)

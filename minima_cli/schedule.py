@@ -75,7 +75,7 @@ from minima_cli.prune import (
     resolve_target,
 )
 from minima_cli.score import load_scores
-from minima_cli.train_state import evaluate_loss, learning_rate, parameter_groups
+from minima_cli.train_state import adamw, evaluate_loss, learning_rate, parameter_groups
 
 # MiniDisc's grid, in percent: every 10 % plus the finer steps near the sparse end.
 DEFAULT_SPARSITIES = (0, 10, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95)
@@ -291,8 +291,7 @@ def train_sandwich(network: torch.nn.Module, teacher: torch.nn.Module, shape: Mo
     """Train the shared `network` (a copy of the teacher) for `config.max_steps` sandwich steps
     with AdamW on the warmup + cosine schedule of `minima distill`; returns the mean loss of
     every step. `batches` yields `[batch, seq_len]` token blocks."""
-    optimizer = torch.optim.AdamW(parameter_groups(network, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.95), eps=1e-8)
+    optimizer = adamw(parameter_groups(network, config.weight_decay), config.lr)
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     rng = random.Random(config.seed)
     history = []

@@ -412,12 +412,15 @@ def assistant_labels(rows: Sequence[Sequence[Example]]) -> int:
     return sum(sum(e.mask[1:]) for row in rows for e in row)
 
 
-def token_share(mine: Sequence[Sequence[Example]], picks: Sequence[Sequence[Example]],
-                world_size: int) -> float:
-    """What a rank's mean loss is scaled by so that, once data parallelism averages the ranks'
-    gradients, the step's loss is the mean over all assistant tokens of the global batch (as in
-    one process), not the mean of the ranks' means."""
-    return assistant_labels(mine) * world_size / max(assistant_labels(picks), 1)
+def token_share(mine: Sequence[Sequence[Example]], step_rows: Sequence[Sequence[Example]],
+                micro_batches: int) -> float:
+    """What a micro-batch's mean loss is scaled by so that, once the loop divides by the
+    accumulation count and data parallelism averages the ranks' gradients, the optimizer step's
+    loss is the mean over every assistant token of all its micro-batches on all ranks (as one
+    big batch in one process), not a mean of per-micro-batch means, which would over-weight the
+    tokens of short batches. `micro_batches` = ranks x accumulation steps; `step_rows` are the
+    rows of the whole step."""
+    return assistant_labels(mine) * micro_batches / max(assistant_labels(step_rows), 1)
 
 
 def rows_fingerprint(rows: list[list[Example]], extra: dict[str, Any]) -> str:
@@ -433,21 +436,30 @@ def rows_fingerprint(rows: list[list[Example]], extra: dict[str, Any]) -> str:
 
 class ChatRowStream:
     """An endless stream of collated batches over `rows`, in a seeded random order redrawn each
-    epoch. With `world_size` > 1 each global batch of `batch_size * world_size` rows is cut into
-    per-rank slices, so the state is the same on every rank. `state_dict()` is small and JSON-able;
-    a fresh stream over the same rows continues exactly from it."""
+    epoch. The rows of one optimizer step (`batch_size * world_size * grad_accum`) are drawn
+    together, so every micro-batch's `share` weights it by its assistant tokens within the step;
+    with `world_size` > 1 each global micro-batch is cut into per-rank slices, so the state is
+    the same on every rank. `state_dict()` is small and JSON-able; a fresh stream over the same
+    rows continues exactly from it."""
 
     def __init__(self, rows: list[list[Example]], *, batch_size: int, pad_id: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, fingerprint: str = ""):
+                 rank: int = 0, world_size: int = 1, fingerprint: str = "",
+                 grad_accum: int = 1):
         if not rows:
             raise MinimaError("no training examples")
-        if batch_size < 1 or not 0 <= rank < world_size:
-            raise MinimaError(f"bad batch size {batch_size} or rank {rank} of {world_size}")
+        if batch_size < 1 or grad_accum < 1 or not 0 <= rank < world_size:
+            raise MinimaError(f"bad batch size {batch_size}, accumulation {grad_accum} or rank "
+                              f"{rank} of {world_size}")
         self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
         self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint
+        self.grad_accum = grad_accum
         self.epoch, self.index, self.batches_served, self.tokens_served = 0, 0, 0, 0
         self.resumed_tokens = 0  # tokens served before this process resumed the stream
         self._order = self.order(0)
+        # the step being served: its rows, the position it was drawn from, micro-batches served
+        self._step_rows: list[list[Example]] = []
+        self._step_start = (0, 0)
+        self._in_step = 0
 
     def order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(len(self.rows))
@@ -455,25 +467,35 @@ class ChatRowStream:
     def __iter__(self) -> ChatRowStream:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        picks = []
-        for _ in range(self.batch_size * self.world_size):
+    def _draw_step(self) -> None:
+        self._step_start, self._step_rows = (self.epoch, self.index), []
+        for _ in range(self.batch_size * self.world_size * self.grad_accum):
             if self.index == len(self._order):
                 self.epoch, self.index = self.epoch + 1, 0
                 self._order = self.order(self.epoch)
-            picks.append(self.rows[int(self._order[self.index])])
+            self._step_rows.append(self.rows[int(self._order[self.index])])
             self.index += 1
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._in_step == 0:
+            self._draw_step()
+        width = self.batch_size * self.world_size
+        picks = self._step_rows[self._in_step * width : (self._in_step + 1) * width]
+        self._in_step = (self._in_step + 1) % self.grad_accum
         self.batches_served += 1
         self.tokens_served += sum(len(e.ids) for row in picks for e in row)
         mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         batch = collate(mine, self.pad_id)
-        batch["share"] = torch.tensor(token_share(mine, picks, self.world_size))
+        batch["share"] = torch.tensor(token_share(mine, self._step_rows,
+                                                  self.world_size * self.grad_accum))
         return batch
 
     def state_dict(self) -> dict[str, Any]:
+        # the position the current step was drawn from, and how much of it was served
+        epoch, index = self._step_start if self._in_step else (self.epoch, self.index)
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
-                "epoch": self.epoch, "index": self.index, "batches_served": self.batches_served,
-                "tokens_served": self.tokens_served}
+                "epoch": epoch, "index": index, "in_step": self._in_step,
+                "batches_served": self.batches_served, "tokens_served": self.tokens_served}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
@@ -482,10 +504,18 @@ class ChatRowStream:
             raise MinimaError("the saved data position belongs to a different run (data mismatch)")
         if not 0 <= int(state["index"]) <= len(self.rows):
             raise MinimaError("the saved data position does not fit this data (data mismatch)")
+        in_step = int(state.get("in_step", 0))
+        if not 0 <= in_step < self.grad_accum:
+            raise MinimaError("the saved data position is inside an accumulation step this run "
+                              "does not have (--grad-accum changed?)")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self.order(self.epoch)
+        self._in_step = 0
+        if in_step:
+            self._draw_step()
+            self._in_step = in_step
         self.batches_served = int(state["batches_served"])
         self.tokens_served = self.resumed_tokens = int(state["tokens_served"])
-        self._order = self.order(self.epoch)
 
 
 def split_conversations(n: int, *, seed: int, valid_fraction: float) -> tuple[list[int], list[int]]:
@@ -516,7 +546,7 @@ def assistant_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size: int):
     """`loss_fn(model, batch) -> (loss, parts)`: the mean assistant-token CE, or with a teacher
     distill's `alpha * CE + (1 - alpha) * KD` over the same tokens; times the batch's `share`
-    under data parallelism (`token_share`). The parts are this rank's unscaled means."""
+    of its step (`token_share`). The parts are this rank's unscaled means."""
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         # no KV cache: with one, transformers skips the packed-sequence mask (and it wastes memory)
@@ -683,7 +713,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     stream = ChatRowStream(chat.train_rows, batch_size=config.batch_size, pad_id=pad_id,
                            seed=config.seed, rank=session.rank, world_size=session.world_size,
-                           fingerprint=chat.fingerprint)
+                           fingerprint=chat.fingerprint, grad_accum=config.grad_accum)
     run_id = {"config": config.fingerprint(), "data": chat.fingerprint,
               "model": model_fingerprint(source),
               "teacher": model_fingerprint(teacher_src) if teacher_src else None}

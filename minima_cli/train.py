@@ -37,6 +37,7 @@ from minima_cli.progress import step_progress
 from minima_cli.train_state import (
     SCHEDULES,
     STATE_FILE,
+    adamw,
     evaluate_loss,
     learning_rate,
     list_checkpoints,
@@ -475,8 +476,7 @@ def autocast(session, enabled: bool) -> contextlib.AbstractContextManager:
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW as MiniMA: betas (0.9, 0.95), eps 1e-8, no decay on norms and biases."""
-    return torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
-                             betas=(0.9, 0.95), eps=1e-8)
+    return adamw(parameter_groups(model, config.weight_decay), config.lr)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

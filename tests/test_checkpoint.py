@@ -136,3 +136,15 @@ def test_a_gguf_model_is_no_longer_flagged_quantized():
     validate_quantization_for_training(model)
     assert not model.is_quantized and model.hf_quantizer is None
     assert "quantization_config" not in model.config.to_dict()
+
+
+def test_quiet_transformers_silences_the_gguf_reader_bar(capsys):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from minima_cli.checkpoint import quiet_transformers
+
+    original = gguf_utils.tqdm
+    with quiet_transformers():
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "de-quantizing" not in capsys.readouterr().err
+    assert gguf_utils.tqdm is original

@@ -190,3 +190,27 @@ def test_hidden_state_loss_on_kept_dims_and_yaml_config(tiny_world, pruned, tmp_
     code, _, err = run_cli([*distill_args(tiny_world, orphan, tmp_path / "x", steps=2),
                             "--hidden-weight", "1"], capsys)
     assert code == 2 and "cannot be mapped" in err
+
+
+def test_alpha_one_is_the_lm_loss_without_the_teacher(tiny_world, pruned, tmp_path,
+                                                      monkeypatch):
+    from minima_cli import distill
+    from minima_cli.losses import distillation_loss
+
+    logits = torch.randn(2, 5, 40, requires_grad=True)
+    labels = distill.next_token_labels(torch.randint(0, 40, (2, 5)))
+    plain = distill.lm_cross_entropy(logits, labels)
+    (plain_grad,) = torch.autograd.grad(plain, logits)
+    mixed, _ = distillation_loss(logits, torch.randn(2, 5, 40), labels, alpha=1.0)
+    (mixed_grad,) = torch.autograd.grad(mixed, logits)
+    torch.testing.assert_close(plain, mixed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain_grad, mixed_grad, atol=1e-6, rtol=0)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("alpha 1 must not load the teacher")
+
+    monkeypatch.setattr(distill, "load_teacher", no_teacher)
+    out = tmp_path / "ce-only"
+    assert main([*distill_args(tiny_world, pruned, out, steps=4), "--alpha", "1"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all("kd" not in r and r["loss"] == r["ce"] for r in records)

@@ -206,6 +206,45 @@ def test_stream_resumes_exactly_and_reshuffles_each_epoch():
             [2 * c / sum(counts) for c in counts])
 
 
+
+def test_accumulation_weights_micro_batches_by_their_tokens_and_resumes_inside_a_step():
+    rows = [[Example([i] * (2 + i), [False] + [True] * (1 + i))] for i in range(7)]
+    plain = ChatRowStream(rows, batch_size=1, pad_id=0, seed=5, fingerprint="f")
+    accum = ChatRowStream(rows, batch_size=1, pad_id=0, seed=5, fingerprint="f", grad_accum=3)
+    for _ in range(4):  # an optimizer step: 3 micro-batches, one of them across an epoch end
+        steps = [next(accum) for _ in range(3)]
+        assert [b["input_ids"].tolist() for b in steps] == [
+            next(plain)["input_ids"].tolist() for _ in range(3)]
+        counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in steps]
+        assert [float(b["share"]) for b in steps] == pytest.approx(
+            [3 * c / sum(counts) for c in counts])
+    next(accum)
+    state = json.loads(json.dumps(accum.state_dict()))  # one micro-batch into a step
+    rest = [next(accum) for _ in range(5)]
+    resumed = ChatRowStream(rows, batch_size=1, pad_id=0, seed=5, fingerprint="f", grad_accum=3)
+    resumed.load_state_dict(state)
+    for want in rest:
+        got = next(resumed)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert float(got["share"]) == float(want["share"])
+    with pytest.raises(MinimaError, match="grad-accum"):
+        ChatRowStream(rows, batch_size=1, pad_id=0, seed=5, fingerprint="f").load_state_dict(state)
+
+
+def test_accumulated_steps_train_like_one_big_batch(world, tmp_path, capsys):
+    """2 micro-batches of 2 == 1 batch of 4: the step's loss is the mean over all its assistant
+    tokens, so short and long micro-batches count by their tokens."""
+    big, accumulated = tmp_path / "big", tmp_path / "accumulated"
+    assert run_cli(sft_args(world, big, "--max-steps", "3"), capsys)[0] == 0
+    assert run_cli([*sft_args(world, accumulated, "--max-steps", "3"), "--batch-size", "2",
+                    "--grad-accum", "2"], capsys)[0] == 0
+    losses = [[json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+              for out in (big, accumulated)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    expected, actual = (load_file(out / "model.safetensors") for out in (big, accumulated))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
+
 def sft_args(world, out, *extra):
     return ["sft", "-m", world / "teacher", "-d", world / "chat.jsonl", "-o", out,
             "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--precision", "fp32",
