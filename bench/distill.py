@@ -63,7 +63,7 @@ from minima_cli.data import prepare_data  # noqa: E402
 from minima_cli.distill import DistillConfig, run_distill  # noqa: E402
 from minima_cli.losses import naive_kd_loss  # noqa: E402
 from minima_cli.tiny import train_tokenizer  # noqa: E402
-from minima_cli.train_state import adamw  # noqa: E402
+from minima_cli.train_state import adamw, clip_gradients  # noqa: E402
 
 STEP_GOAL = 1.1  # minima step / floor step, at most
 TRL_GOAL = 1.7  # minima tokens/s / TRL tokens/s, at least
@@ -308,7 +308,7 @@ def profile_minima_step(paths, blocks, args) -> None:
             t = lap("KD loss (forward computes the gradient)", t)
             loss.backward()
             t = lap("student backward", t)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            clip_gradients(list(student.parameters()), 1.0)
             t = lap("clip", t)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

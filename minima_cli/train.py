@@ -38,6 +38,7 @@ from minima_cli.train_state import (
     SCHEDULES,
     STATE_FILE,
     adamw,
+    clip_gradients,
     evaluate_loss,
     learning_rate,
     list_checkpoints,
@@ -245,10 +246,10 @@ class LocalSession:
         (loss / grad_accum).backward()
 
     def step(self, model, optimizer, clip: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norm = clip_gradients(list(model.parameters()), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save_checkpoint(self, directory: Path, step: int, model, optimizer,
                         state: dict[str, Any], keep_last: int) -> None:

@@ -96,3 +96,22 @@ def test_keep_last_and_refusal_of_a_foreign_checkpoint(tmp_path):
                                  torch.optim.AdamW(parameter_groups(other, 0.1)))
     with pytest.raises(MinimaError, match="no training checkpoint"):
         load_training_checkpoint(tmp_path / "empty", model, optimizer)
+
+
+def test_clip_gradients_scales_only_over_the_limit():
+    from minima_cli.train_state import clip_gradients
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    params[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    params[1].grad = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    under = [p.grad.clone() for p in params]
+    assert clip_gradients(params, 10.0) == pytest.approx(5.0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, under, strict=True))
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    for r, g in zip(reference, under, strict=True):
+        r.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    assert clip_gradients(params, 1.0) == pytest.approx(5.0)
+    for p, r in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=1e-7)
+    assert clip_gradients(params, 0.0) == pytest.approx(1.0, abs=1e-5)  # 0: not clipped
