@@ -69,16 +69,17 @@ def stage(name: str, output: Path, command: str, run) -> dict:
 
 
 def distil(args: argparse.Namespace, gguf: Path, train: Path, student: Path, output: Path,
-           alpha: float) -> dict:
+           alpha: float, seed: int) -> dict:
     config = DistillConfig(loss="fkl", alpha=alpha, temperature=args.temperature,
                            seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                            warmup_ratio=0.05, max_steps=args.steps, save_every=args.steps,
-                           eval_every=args.steps, valid_fraction=0.01, seed=0)
+                           eval_every=args.steps, valid_fraction=0.01, seed=seed)
     command = (f"minima distill --teacher {gguf} --student {student} --data {train} --output "
                f"{output} --alpha {alpha:g} --temperature {args.temperature:g} --seq-len "
                f"{args.seq_len} --batch-size {args.batch_size} --lr {args.lr:g} "
-               f"--warmup-ratio 0.05 --max-steps {args.steps} --valid-fraction 0.01")
-    return stage(f"distill alpha={alpha:g}", output, command, lambda: run_distill(
+               f"--warmup-ratio 0.05 --max-steps {args.steps} --valid-fraction 0.01 "
+               f"--seed {seed}")
+    return stage(f"distill alpha={alpha:g} seed={seed}", output, command, lambda: run_distill(
         teacher_path=str(gguf), student_path=str(student), data=str(train), output=output,
         config=config, progress=args.progress))
 
@@ -95,6 +96,8 @@ def main() -> None:
                         help="CE weight of the KD run (0.5: MiniMA, minima distill's default)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--skip-ce", action="store_true", help="no CE-only run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="data-order seeds: each gets a KD and a CE-only run")
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--held-out", type=float, default=0.05,
                         help="fraction of documents held out")
@@ -128,16 +131,21 @@ def main() -> None:
         f"--params {args.params}",
         lambda: run_prune(model_path=str(gguf), output=pruned, scores_path=str(scores),
                           params=args.params, progress=args.progress))
-    runs = {"distilled": distil(args, gguf, train_path, pruned, work / "kd", args.alpha)}
-    if not args.skip_ce:
-        runs["CE only"] = distil(args, gguf, train_path, pruned, work / "ce", 1.0)
+    runs = []  # (name, output dir, manifest)
+    for seed in args.seeds:
+        suffix = "" if seed == 0 else f"-seed{seed}"  # seed 0 keeps the original names
+        kd, ce = work / f"kd{suffix}", work / f"ce{suffix}"
+        runs.append((f"distilled a{args.alpha:g} s{seed}", kd,
+                     distil(args, gguf, train_path, pruned, kd, args.alpha, seed)))
+        if not args.skip_ce:  # alpha 1: the LM loss alone, the teacher is not loaded
+            runs.append((f"CE only s{seed}", ce, distil(args, gguf, train_path, pruned, ce, 1.0,
+                                                        seed)))
 
     tokens = args.steps * args.batch_size * args.seq_len
     print(f"\nheld-out perplexity ({valid.numel():,} tokens of unseen documents); students "
           f"trained {args.steps} steps x {args.batch_size} x {args.seq_len} = {tokens:,} tokens")
     rows = [("teacher SmolLM2-135M", str(gguf), None), ("pruned", str(pruned), None)]
-    rows += [(f"{name} (alpha {m['config']['alpha']:g})", str(work / ("kd" if name ==
-             "distilled" else "ce")), m) for name, m in runs.items()]
+    rows += [(name, str(path), manifest) for name, path, manifest in runs]
     print(f"{'model':<28}{'params':>14}{'perplexity':>12}{'train s':>10}")
     for name, path, manifest in rows:
         params, ppl = size_and_perplexity(path, valid)

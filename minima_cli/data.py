@@ -121,7 +121,7 @@ def _read_file(path: Path, text_field: str) -> Iterable[str]:
     if path.suffix in TEXT_SUFFIXES:
         return _read_txt(path)
     if path.suffix == ".jsonl":
-        return _texts(_read_jsonl(path), path, text_field)
+        return _texts(read_jsonl(path), path, text_field)
     if path.suffix == ".json":
         return _read_json(path, text_field)
     if path.suffix == ".parquet":
@@ -135,7 +135,7 @@ def _read_txt(path: Path) -> list[str]:
         return [line.rstrip("\r\n") for line in f if line.strip()]
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) for each non-blank line."""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -154,7 +154,7 @@ def _read_json(path: Path, text_field: str) -> list[str]:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             # Several top-level values: JSON lines saved under a .json name (as `datasets` allows).
-            return _texts(_read_jsonl(path), path, text_field)
+            return _texts(read_jsonl(path), path, text_field)
         raise MinimaError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if isinstance(data, list):
         return _texts(((None, record) for record in data), path, text_field)

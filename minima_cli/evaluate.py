@@ -189,7 +189,7 @@ def infer_kind(path: Path) -> str:
         return "lm-eval"
     if path.suffix in (".jsonl", ".json"):
         try:
-            records = read_jsonl(path)
+            records = read_records(path)
         except MinimaError:  # a .json array, say: only an explicit kind tells
             records = []
         first = records[0][1] if records else {}
@@ -203,12 +203,12 @@ def infer_kind(path: Path) -> str:
     raise MinimaError(f"cannot tell what task {path} is: prefix it with ppl:, mc: or gen:")
 
 
-def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+def read_records(path: Path) -> list[tuple[int, Any]]:
     """(line number, record) for each non-blank line, or one clear line on a bad file."""
-    from minima_cli.data import _read_jsonl  # the data layer's reader: same messages everywhere
+    from minima_cli.data import read_jsonl  # the data layer's reader: same messages everywhere
 
     try:
-        return list(_read_jsonl(Path(path)))
+        return list(read_jsonl(Path(path)))
     except FileNotFoundError:
         raise MinimaError(f"file not found: {path}") from None
     except UnicodeDecodeError:
@@ -230,7 +230,7 @@ def read_mc(path: str | Path) -> list[McItem]:
     """MMLU-style records; every problem (a missing field, an answer index out of range) is one
     line naming the file and line."""
     items = []
-    for lineno, record in read_jsonl(Path(path)):
+    for lineno, record in read_records(Path(path)):
         where = f"{path}:{lineno}"
         if not isinstance(record, dict):
             raise MinimaError(f"{where}: expected a JSON object")
@@ -479,7 +479,7 @@ class GenItem:
 
 def read_gen(path: str | Path, tokenizer: Any) -> list[GenItem]:
     items = []
-    for lineno, record in read_jsonl(Path(path)):
+    for lineno, record in read_records(Path(path)):
         where = f"{path}:{lineno}"
         if not isinstance(record, dict):
             raise MinimaError(f"{where}: expected a JSON object")

@@ -184,7 +184,7 @@ def chat_files(source: str | Path) -> list[Path]:
 
 
 def _records(path: Path) -> list[tuple[str, Any]]:
-    from minima_cli.data import _read_jsonl
+    from minima_cli.data import read_jsonl
 
     try:
         if path.suffix == ".parquet":
@@ -202,7 +202,7 @@ def _records(path: Path) -> list[tuple[str, Any]]:
                 if not isinstance(data, list):
                     raise MinimaError(f"{path}: expected a JSON list of records")
                 return [(f"{path} record {i}", r) for i, r in enumerate(data, start=1)]
-        return [(f"{path}:{lineno}", r) for lineno, r in _read_jsonl(path)]
+        return [(f"{path}:{lineno}", r) for lineno, r in read_jsonl(path)]
     except UnicodeDecodeError:
         raise MinimaError(f"{path}: not UTF-8 text") from None
     except MinimaError:
