@@ -88,6 +88,7 @@ bench: venv
 	$(PY) bench/prune.py
 	$(PY) bench/score_quality.py
 	$(PY) bench/kd_loss_memory.py
+	$(PY) bench/adamw.py
 	$(PY) bench/distill.py
 
 # quality at equal budgets: KD vs CE only, sft, MiniDisc, the capacity gap, SmolLM2 (hours)

@@ -13,7 +13,8 @@ The stages are the library functions behind `minima score`, `minima prune` and `
 distill`; the equivalent commands are printed as they run. Outputs go under --workdir and a
 finished stage is reused when the script runs again (delete the directory to start over).
 
-    .venv/bin/python bench/distill_smollm2.py --workdir smol-kd            # ~35 min, 2 cores
+    .venv/bin/python bench/distill_smollm2.py --workdir smol-kd            # ~20 min, 2 idle cores
+    .venv/bin/python bench/distill_smollm2.py --workdir smol-kd --seeds 0 1  # ~30 min
     .venv/bin/python bench/distill_smollm2.py --workdir smol-kd --skip-ce  # KD only
 """
 
