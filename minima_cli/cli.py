@@ -290,7 +290,7 @@ def distill(
                                        "the peak."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
                                        "norms and biases)."),
-    clip: float = typer.Option(1.0, help="Gradient clipping norm."),
+    clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: no clipping)."),
     max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
     max_tokens: int = typer.Option(0, "--max-tokens", help="Train on this many tokens instead "
                                    "of --max-steps (0: use --max-steps)."),
@@ -572,7 +572,7 @@ def sft(
                                        "the peak."),
     weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
                                        "norms and biases)."),
-    clip: float = typer.Option(1.0, help="Gradient clipping norm."),
+    clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: no clipping)."),
     save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
     keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept."),
     eval_every: int = typer.Option(50, "--eval-every", help="Validation loss (assistant tokens "

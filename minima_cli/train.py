@@ -89,6 +89,8 @@ class TrainConfig:
             raise MinimaError(f"--max-tokens must be positive, got {self.max_tokens}")
         if not self.lr > 0:
             raise MinimaError(f"--lr must be positive, got {self.lr}")
+        if not self.clip >= 0:
+            raise MinimaError(f"--clip must be >= 0 (0: no clipping), got {self.clip}")
         if self.schedule not in SCHEDULES:
             raise MinimaError(f"unknown schedule {self.schedule!r}: choose "
                               f"{', '.join(SCHEDULES)}")
@@ -358,7 +360,8 @@ class AccelerateSession:
         if self.ds_config is not None:  # clipped and stepped inside backward at the boundary
             norm = model.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
-        norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
+        # clip 0: no clipping, only the norm (as in one process and in DeepSpeed)
+        norm = self.accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(norm)

@@ -101,6 +101,7 @@ def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
         (["-s", broken], "cannot load tokenizer"),
         (["--max-steps", "0"], "--max-steps must be positive"),
         (["--lr", "-1"], "must be positive"),
+        (["--clip", "-1"], "--clip must be >= 0"),
         (["--seq-len", "4096"], "exceeds the student's 256 positions"),
         (["--alpha", "2"], "must be in [0, 1]"),
         (["--loss", "mse"], "unknown loss"),
