@@ -249,6 +249,28 @@ CONFIG = typer.Option(None, "--config", "-c", help="YAML file with any of these 
                       "(keys as the long flags, at top level or under the command's name); "
                       "flags given on the command line win.")
 
+# training options shared by distill and sft
+GRAD_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step.")
+SCHEDULE = typer.Option("cosine", help="cosine, linear or constant after warmup.")
+MIN_LR_RATIO = typer.Option(0.1, "--min-lr-ratio", help="Final lr as a fraction of "
+                            "the peak.")
+WEIGHT_DECAY = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
+                            "norms and biases).")
+CLIP = typer.Option(1.0, help="Clip the global gradient norm to this (0: no clipping).")
+SAVE_EVERY = typer.Option(50, "--save-every", help="Checkpoint every N steps.")
+KEEP_LAST = typer.Option(2, "--keep-last", help="Checkpoints kept.")
+GRADIENT_CHECKPOINTING = typer.Option(False, "--gradient-checkpointing", help="Trade "
+                                      "compute for activation memory.")
+TENSORBOARD = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard "
+                           "scalars next to log.jsonl.")
+RESUME = typer.Option(False, "--resume", help="Continue OUTPUT.run/ from its newest "
+                      "checkpoint, exactly.")
+PRECISION = typer.Option("auto", help="fp32, bf16 (autocast; DeepSpeed: bf16 weights) or auto: "
+                         "bf16 where the hardware has it (GPU, CPUs with AVX512-BF16/AMX).")
+DEEPSPEED = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. "
+                         "recipes/deepspeed/zero3.json); launch with torchrun or accelerate "
+                         "launch for several processes.")
+
 
 @app.command()
 def distill(
@@ -283,40 +305,31 @@ def distill(
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per packed sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per micro-batch (per "
                                    "process)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    grad_accum: int = GRAD_ACCUM,
     lr: float = typer.Option(3e-4, help="Peak learning rate (AdamW betas 0.9/0.95)."),
-    schedule: str = typer.Option("cosine", help="cosine, linear or constant after warmup."),
-    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Final lr as a fraction of "
-                                       "the peak."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
-                                       "norms and biases)."),
-    clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: no clipping)."),
+    schedule: str = SCHEDULE,
+    min_lr_ratio: float = MIN_LR_RATIO,
+    weight_decay: float = WEIGHT_DECAY,
+    clip: float = CLIP,
     max_steps: int = typer.Option(100, "--max-steps", help="Optimizer steps."),
     max_tokens: int = typer.Option(0, "--max-tokens", help="Train on this many tokens instead "
                                    "of --max-steps (0: use --max-steps)."),
     warmup_ratio: float = typer.Option(0.01, "--warmup-ratio", help="Fraction of steps warming "
                                        "up."),
-    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
-    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept."),
+    save_every: int = SAVE_EVERY,
+    keep_last: int = KEEP_LAST,
     eval_every: int = typer.Option(50, "--eval-every", help="Validation loss every N steps."),
     valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Documents held out for"
                                          " validation."),
     seed: int = typer.Option(0, help="Seed for data order and the validation split."),
-    precision: str = typer.Option("auto", help="fp32, bf16 (autocast; DeepSpeed: bf16 weights) "
-                                  "or auto: bf16 where the hardware has it (GPU, CPUs with "
-                                  "AVX512-BF16/AMX)."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade "
-                                                "compute for activation memory."),
-    deepspeed: str = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. "
-                                  "recipes/deepspeed/zero3.json); launch with torchrun or "
-                                  "accelerate launch for several processes."),
-    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard "
-                                     "scalars next to log.jsonl."),
+    precision: str = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    deepspeed: str = DEEPSPEED,
+    tensorboard: bool = TENSORBOARD,
     text_field: str = typer.Option("text", "--text-field", help="Field with the text in "
                                    "jsonl/json/parquet data."),
     config: Path = CONFIG,
-    resume: bool = typer.Option(False, "--resume", help="Continue OUTPUT.run/ from its newest "
-                                "checkpoint, exactly."),
+    resume: bool = RESUME,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:
@@ -559,7 +572,7 @@ def sft(
                                  "one example per row."),
     batch_size: int = typer.Option(4, "--batch-size", help="Rows per micro-batch (per "
                                    "process)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    grad_accum: int = GRAD_ACCUM,
     lr: float = typer.Option(2e-5, help="Peak learning rate (MiniChat: 2e-5; the tiny world "
                              "needs ~1e-3)."),
     epochs: float = typer.Option(3.0, help="Passes over the training rows (MiniChat: 3)."),
@@ -567,30 +580,23 @@ def sft(
                                   "(0: from --epochs)."),
     warmup_ratio: float = typer.Option(0.1, "--warmup-ratio", help="Fraction of steps warming "
                                        "up."),
-    schedule: str = typer.Option("cosine", help="cosine, linear or constant after warmup."),
-    min_lr_ratio: float = typer.Option(0.1, "--min-lr-ratio", help="Final lr as a fraction of "
-                                       "the peak."),
-    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
-                                       "norms and biases)."),
-    clip: float = typer.Option(1.0, help="Clip the global gradient norm to this (0: no clipping)."),
-    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps."),
-    keep_last: int = typer.Option(2, "--keep-last", help="Checkpoints kept."),
+    schedule: str = SCHEDULE,
+    min_lr_ratio: float = MIN_LR_RATIO,
+    weight_decay: float = WEIGHT_DECAY,
+    clip: float = CLIP,
+    save_every: int = SAVE_EVERY,
+    keep_last: int = KEEP_LAST,
     eval_every: int = typer.Option(50, "--eval-every", help="Validation loss (assistant tokens "
                                    "of held-out conversations) every N steps."),
     valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Conversations held out "
                                          "for validation."),
     seed: int = typer.Option(0, help="Seed for data order and the validation split."),
-    precision: str = typer.Option("auto", help="fp32, bf16 or auto (bf16 where the hardware "
-                                  "has it)."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade "
-                                                "compute for activation memory."),
-    deepspeed: str = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. "
-                                  "recipes/deepspeed/zero3.json)."),
-    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard "
-                                     "scalars next to log.jsonl."),
+    precision: str = PRECISION,
+    gradient_checkpointing: bool = GRADIENT_CHECKPOINTING,
+    deepspeed: str = DEEPSPEED,
+    tensorboard: bool = TENSORBOARD,
     config: Path = CONFIG,
-    resume: bool = typer.Option(False, "--resume", help="Continue OUTPUT.run/ from its newest "
-                                "checkpoint, exactly."),
+    resume: bool = RESUME,
     force: bool = FORCE,
     quiet: bool = QUIET,
 ) -> None:

@@ -11,7 +11,6 @@ a standard HF directory; `OUTPUT.run/` (checkpoints, log, token cache) is remove
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from minima_cli.arch import shape_from_config
 from minima_cli.checkpoint import (
     MANIFEST,
     ModelSource,
-    check_output,
     copy_tokenizer_files,
     load_config,
     load_model,
@@ -41,11 +39,18 @@ from minima_cli.losses import (
     TopK,
     distillation_loss,
     hidden_state_mse,
+    summed_cross_entropy,
 )
 from minima_cli.progress import console
 from minima_cli.teacher_cache import TeacherCache, teacher_topk
-from minima_cli.train import TrainConfig, load_teacher, open_session, save_final_model, train
-from minima_cli.train_state import list_checkpoints
+from minima_cli.train import (
+    TrainConfig,
+    load_teacher,
+    open_session,
+    save_final_model,
+    train,
+    training_run_dir,
+)
 
 LOSSES = KINDS  # fkl, rkl, jsd, topk
 
@@ -175,12 +180,6 @@ def needs_teacher(config: DistillConfig) -> bool:
     return config.alpha < 1 or config.hidden_weight > 0
 
 
-def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the counted labels (-100 is not counted)."""
-    return torch.nn.functional.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(),
-                                             ignore_index=-100)
-
-
 def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
                  cache: TeacherCache | None, stream: Any, vocab_size: int,
                  hidden: HiddenMap | None):
@@ -191,8 +190,9 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
         want_hidden = hidden is not None
         # use_cache=False: no KV cache is built in training (memory, and it would be unused)
         out = student(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
-        if teacher is None and cache is None:  # alpha 1: the LM loss alone (needs_teacher)
-            ce = lm_cross_entropy(out.logits, next_token_labels(batch))
+        if not needs_teacher(config):  # alpha 1: the LM loss alone
+            total, count = summed_cross_entropy(out.logits, next_token_labels(batch))
+            ce = total / max(count, 1)
             return ce, {"ce": ce.detach()}
         if cache is not None:
             target: torch.Tensor | TopK = cache.lookup(stream.last_picks, batch.device)
@@ -226,13 +226,7 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
                 progress: bool = True, text_field: str = "text",
                 teacher_cache: str | None = None) -> dict[str, Any]:
     config.check()
-    check_output(output, force)
-    run_dir = output.with_name(f"{output.name}.run")
-    if run_dir.exists() and not resume and list_checkpoints(run_dir / "checkpoints"):
-        raise MinimaError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
-                          "continue it, or delete it")
-    if resume and not list_checkpoints(run_dir / "checkpoints"):
-        raise MinimaError(f"--resume: no training checkpoint in {run_dir / 'checkpoints'}")
+    run_dir = training_run_dir(output, force=force, resume=resume)
     if teacher_path is None and teacher_cache is None:
         raise MinimaError("give the teacher: --teacher MODEL or --teacher-cache DIR")
     cache = TeacherCache(teacher_cache) if teacher_cache else None
@@ -270,12 +264,11 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
         cache.check_data(prepared)
     torch.manual_seed(config.seed)
     teacher = None
-    if teacher_src is not None and needs_teacher(config):
-        teacher = load_teacher(teacher_src, session)
-    elif not needs_teacher(config):
-        cache = None  # nothing is read from it
+    if not needs_teacher(config):
         if session.is_main and progress:
             console.print("[dim]alpha 1: the LM loss alone, the teacher is not loaded[/dim]")
+    elif teacher_src is not None:
+        teacher = load_teacher(teacher_src, session)
     student = load_model(student_src)
     stream = prepared.stream(config.batch_size, rank=session.rank,
                              world_size=session.world_size)
@@ -289,9 +282,6 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
 
     def write_extra(tmp: Path) -> dict[str, Any]:
         copy_tokenizer_files(student_src, tmp)
-        shutil.copy2(run_dir / "log.jsonl", tmp / "log.jsonl")
-        if (run_dir / "tensorboard").is_dir():
-            shutil.copytree(run_dir / "tensorboard", tmp / "tensorboard")
         teacher_input = ({"cache": str(cache.path), "fingerprint": teacher_fp} if cache else
                          {"path": str(teacher_src), "fingerprint": teacher_fp})
         return write_manifest(
@@ -307,8 +297,4 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
                      "tokens_per_s": result.tokens / max(result.seconds, 1e-9)},
             wall_time_s=result.seconds)
 
-    manifest = save_final_model(session, result.model, output, force, write_extra)
-    if session.is_main:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    session.close()
-    return manifest
+    return save_final_model(session, result.model, output, force, run_dir, write_extra)

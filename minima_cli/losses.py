@@ -612,6 +612,15 @@ def fused_linear_kd_loss(
     )[0]
 
 
+def summed_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed cross-entropy over the counted positions (labels != IGNORE_INDEX), and their
+    number; only those rows of the logits are upcast to float32."""
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    picked = logits.reshape(-1, logits.shape[-1])[keep].float()
+    return torch.nn.functional.cross_entropy(picked, labels.reshape(-1)[keep],
+                                             reduction="sum"), int(keep.sum())
+
+
 def hidden_state_mse(
     student_hidden: Tensor,
     teacher_hidden: Tensor,

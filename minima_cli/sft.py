@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,7 +39,6 @@ import numpy as np
 import torch
 
 from minima_cli.checkpoint import (
-    check_output,
     copy_tokenizer_files,
     file_sha256,
     load_config,
@@ -52,11 +50,16 @@ from minima_cli.checkpoint import (
 )
 from minima_cli.distill import DistillConfig, check_same_tokenizer
 from minima_cli.errors import MinimaError
-from minima_cli.losses import IGNORE_INDEX, TopK, distillation_loss
+from minima_cli.losses import IGNORE_INDEX, TopK, distillation_loss, summed_cross_entropy
 from minima_cli.progress import step_progress
 from minima_cli.teacher_cache import teacher_topk
-from minima_cli.train import load_teacher, open_session, save_final_model, train
-from minima_cli.train_state import list_checkpoints
+from minima_cli.train import (
+    load_teacher,
+    open_session,
+    save_final_model,
+    train,
+    training_run_dir,
+)
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # ChatML with the assistant replies marked for `return_assistant_tokens_mask`; it renders exactly
@@ -534,15 +537,6 @@ def split_conversations(n: int, *, seed: int, valid_fraction: float) -> tuple[li
 # --- the loss and the validation loss ------------------------------------------------------------
 
 
-def assistant_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the counted (assistant) positions, and their number; only those
-    rows of the logits are upcast to float32."""
-    keep = labels.reshape(-1) != IGNORE_INDEX
-    picked = logits.reshape(-1, logits.shape[-1])[keep].float()
-    return torch.nn.functional.cross_entropy(picked, labels.reshape(-1)[keep],
-                                             reduction="sum"), int(keep.sum())
-
-
 def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size: int):
     """`loss_fn(model, batch) -> (loss, parts)`: the mean assistant-token CE, or with a teacher
     distill's `alpha * CE + (1 - alpha) * KD` over the same tokens; times the batch's `share`
@@ -555,7 +549,7 @@ def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size:
         logits = model(**inputs).logits
         share = batch.get("share", 1.0)
         if teacher is None:
-            total, count = assistant_ce(logits, batch["labels"])
+            total, count = summed_cross_entropy(logits, batch["labels"])
             loss = total / max(count, 1)
             return loss * share, {"ce": loss.detach()}
         with torch.no_grad():
@@ -582,7 +576,7 @@ def make_evaluate_fn(rows: list[list[Example]], batch_size: int, pad_id: int, de
             batch = collate(rows[start : start + batch_size], pad_id)
             logits = model(input_ids=batch["input_ids"].to(device),
                            position_ids=batch["position_ids"].to(device), use_cache=False).logits
-            summed, n = assistant_ce(logits, batch["labels"].to(device))
+            summed, n = summed_cross_entropy(logits, batch["labels"].to(device))
             total, count = total + float(summed), count + n
         return total / max(count, 1)
 
@@ -671,11 +665,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
             teacher_path: str | None = None, valid_data: str | None = None,
             resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
     config.check()
-    check_output(output, force)
-    run_dir = output.with_name(f"{output.name}.run")
-    if run_dir.exists() and not resume and list_checkpoints(run_dir / "checkpoints"):
-        raise MinimaError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
-                          "continue it, or delete it")
+    run_dir = training_run_dir(output, force=force, resume=resume)
     source = resolve_model(model_path)
     max_positions = getattr(load_config(source), "max_position_embeddings", None)
     if max_positions and config.seq_len > max_positions:
@@ -730,9 +720,6 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
             tokenizer.save_pretrained(tmp)
         if default_template:
             save_chat_template(tmp, tokenizer)
-        shutil.copy2(run_dir / "log.jsonl", tmp / "log.jsonl")
-        if (run_dir / "tensorboard").is_dir():
-            shutil.copytree(run_dir / "tensorboard", tmp / "tensorboard")
         chat.summary["chat_template"] = "chatml (minima default)" if default_template else \
             "the tokenizer's"
         if missing:
@@ -751,11 +738,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
                      / max(result.seconds, 1e-9)},
             wall_time_s=result.seconds)
 
-    manifest = save_final_model(session, result.model, output, force, write_extra)
-    if session.is_main:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    session.close()
-    return manifest
+    return save_final_model(session, result.model, output, force, run_dir, write_extra)
 
 
 def save_chat_template(directory: Path, tokenizer: Any) -> None:

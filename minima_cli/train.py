@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from minima_cli.checkpoint import fsync_tree
+from minima_cli.checkpoint import check_output, fsync_tree
 from minima_cli.errors import MinimaError
 from minima_cli.progress import step_progress
 from minima_cli.train_state import (
@@ -585,11 +585,28 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                        time.perf_counter() - start)
 
 
+def training_run_dir(output: Path, *, force: bool, resume: bool) -> Path:
+    """`OUTPUT.run`, where a run keeps its checkpoints and logs, after the checks every training
+    stage makes before loading anything: OUTPUT may be written (`--force`), an earlier run's
+    checkpoints are not silently overwritten, and `--resume` has something to resume."""
+    check_output(output, force)
+    run_dir = output.with_name(f"{output.name}.run")
+    has_checkpoints = bool(list_checkpoints(run_dir / "checkpoints"))
+    if has_checkpoints and not resume:
+        raise MinimaError(f"{run_dir} holds checkpoints of an earlier run: pass --resume to "
+                          "continue it, or delete it")
+    if resume and not has_checkpoints:
+        raise MinimaError(f"--resume: no training checkpoint in {run_dir / 'checkpoints'}")
+    return run_dir
+
+
 def save_final_model(session, model: torch.nn.Module, output: Path, force: bool,
-                     write_extra: Callable[[Path], Any]) -> Any:
-    """The trained model as a standard HF directory written atomically by the main rank (ZeRO-3:
-    the consolidated state dict, gathered by every rank). `write_extra(tmp)` adds tokenizer files,
-    logs and the manifest; its result is returned on the main rank (None elsewhere)."""
+                     run_dir: Path, write_extra: Callable[[Path], Any]) -> Any:
+    """End a run: the trained model as a standard HF directory written atomically by the main
+    rank (ZeRO-3: the consolidated state dict, gathered by every rank) with the run's
+    `log.jsonl` and TensorBoard events; `write_extra(tmp)` adds tokenizer files and the manifest
+    and its result is returned on the main rank (None elsewhere). Then `run_dir` (checkpoints)
+    is removed and the session closed."""
     from minima_cli.checkpoint import atomic_output_dir, quiet_transformers
 
     state_dict = session.full_state_dict(model)  # collective: before the main-rank branch
@@ -600,6 +617,12 @@ def save_final_model(session, model: torch.nn.Module, output: Path, force: bool,
             with quiet_transformers():
                 unwrapped.save_pretrained(tmp, **({} if state_dict is None
                                                   else {"state_dict": state_dict}))
+            shutil.copy2(run_dir / "log.jsonl", tmp / "log.jsonl")
+            if (run_dir / "tensorboard").is_dir():
+                shutil.copytree(run_dir / "tensorboard", tmp / "tensorboard")
             result = write_extra(tmp)
     session.barrier()
+    if session.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    session.close()
     return result
