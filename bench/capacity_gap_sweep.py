@@ -38,22 +38,20 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from minima_cli.arch import ModelShape, count_parameters
-from minima_cli.checkpoint import (
-    atomic_output_dir,
-    check_output,
-    load_tokenizer,
-    quiet_transformers,
-    resolve_model,
-)
-from minima_cli.data import pack_documents, read_documents, tokenize_documents
-from minima_cli.distill import DistillConfig, run_distill
+from minima_cli.data.pack import pack_documents
+from minima_cli.data.read import read_documents
+from minima_cli.data.tokenize import tokenize_documents
+from minima_cli.fsutil import atomic_output_dir, check_output
 from minima_cli.laws import CapacityCurve, fit_capacity_curve
-from minima_cli.prune import plan_prune
-from minima_cli.schedule import materialise, model_dev_loss, stage_config
-from minima_cli.score import gradient_scores, normalize_scores
-from minima_cli.tiny import build_tiny_world, pretrain, tiny_llama_config
-from minima_cli.train_state import evaluate_loss
+from minima_cli.model.arch import ModelShape, count_parameters
+from minima_cli.model.checkpoint import load_tokenizer, quiet_transformers, resolve_model
+from minima_cli.model.scores import normalize_scores
+from minima_cli.model.selection import plan_prune
+from minima_cli.stages.distill import DistillConfig, run_distill
+from minima_cli.stages.schedule import materialise, model_dev_loss, stage_config
+from minima_cli.stages.score import gradient_scores
+from minima_cli.stages.tiny import build_tiny_world, pretrain, tiny_llama_config
+from minima_cli.training.state import evaluate_loss
 
 KS = (1, 1.5, 2, 2.5, 3, 4, 6, 8)
 HEAD_DIM = 16

@@ -13,7 +13,7 @@ floor and plain loops in bf16 autocast) only finishes there on a tiny configurat
 
 Sides, interleaved per round (minima, floor, plain, TRL), medians of the rounds; every side's
 time is per step over steps --warmup-steps+1..--steps (warm-up excluded). Every side steps
-PyTorch's fused AdamW (`minima_cli.train_state.adamw`; TRL's default `adamw_torch_fused`):
+PyTorch's fused AdamW (`minima_cli.training.state.adamw`; TRL's default `adamw_torch_fused`):
 - minima: `run_distill(...)` with alpha 0 (pure forward KL, TRL's GKD loss with beta 0), T = 1,
   no checkpoint, validation only after the last step. Steps are timed between the ends of its
   optimizer steps (a global optimizer-step hook: run_distill is not modified), so data, both
@@ -58,12 +58,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from realtext import real_documents, split_by_document, write_jsonl  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from minima_cli.checkpoint import load_model, load_tokenizer, quiet_transformers, resolve_model  # noqa: E402,E501
-from minima_cli.data import prepare_data  # noqa: E402
-from minima_cli.distill import DistillConfig, run_distill  # noqa: E402
+from minima_cli.data.streams import prepare_data  # noqa: E402
 from minima_cli.losses import naive_kd_loss  # noqa: E402
-from minima_cli.tiny import train_tokenizer  # noqa: E402
-from minima_cli.train_state import adamw, clip_gradients  # noqa: E402
+from minima_cli.model.checkpoint import (
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    resolve_model,
+)  # noqa: E402,E501
+from minima_cli.stages.distill import DistillConfig, run_distill  # noqa: E402
+from minima_cli.stages.tiny import train_tokenizer  # noqa: E402
+from minima_cli.training.state import adamw, clip_gradients  # noqa: E402
 
 STEP_GOAL = 1.1  # minima step / floor step, at most
 TRL_GOAL = 1.7  # minima tokens/s / TRL tokens/s, at least

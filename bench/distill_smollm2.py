@@ -35,12 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from realtext import real_documents, split_by_document, write_jsonl  # noqa: E402
 
-from minima_cli.checkpoint import load_model, load_tokenizer, resolve_model  # noqa: E402
-from minima_cli.data import pack_documents, read_documents, tokenize_documents  # noqa: E402
-from minima_cli.distill import DistillConfig, run_distill  # noqa: E402
-from minima_cli.prune import run_prune  # noqa: E402
-from minima_cli.score import run_score  # noqa: E402
-from minima_cli.train_state import evaluate_loss  # noqa: E402
+from minima_cli.data.pack import pack_documents  # noqa: E402
+from minima_cli.data.read import read_documents
+from minima_cli.data.tokenize import tokenize_documents
+from minima_cli.model.checkpoint import load_model, load_tokenizer, resolve_model  # noqa: E402
+from minima_cli.stages.distill import DistillConfig, run_distill  # noqa: E402
+from minima_cli.stages.prune import run_prune  # noqa: E402
+from minima_cli.stages.score import run_score  # noqa: E402
+from minima_cli.training.state import evaluate_loss  # noqa: E402
 
 
 def smollm2_gguf() -> Path:

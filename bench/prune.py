@@ -68,10 +68,12 @@ def child(teacher: Path, out: Path, ratio: float, no_fsync: bool = False) -> Non
     With no_fsync, os.fsync is a no-op: the like-for-like partner of a plain (page-cache) copy."""
     if no_fsync:
         os.fsync = lambda fd: None
-    from minima_cli.arch import shape_from_config
-    from minima_cli.checkpoint import load_config, resolve_model
-    from minima_cli.prune import plan_prune, prune_checkpoint, resolve_target
-    from minima_cli.score import random_scores
+    from minima_cli.model.arch import shape_from_config
+    from minima_cli.model.checkpoint import load_config, resolve_model
+    from minima_cli.model.scores import random_scores
+    from minima_cli.model.selection import plan_prune
+    from minima_cli.model.shapes import resolve_target
+    from minima_cli.model.slicing import prune_checkpoint
 
     source = resolve_model(teacher)
     config = load_config(source)

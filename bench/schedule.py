@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from minima_cli.arch import format_count, shape_from_config
-from minima_cli.checkpoint import load_config, load_tokenizer, resolve_model
-from minima_cli.distill import DistillConfig
-from minima_cli.schedule import (
+from minima_cli.model.arch import shape_from_config
+from minima_cli.model.checkpoint import load_config, load_tokenizer, resolve_model
+from minima_cli.model.scores import load_scores
+from minima_cli.stages.distill import DistillConfig
+from minima_cli.stages.schedule import (
     build_candidates,
     choose_assistant,
     dev_blocks,
@@ -39,8 +40,9 @@ from minima_cli.schedule import (
     spearman,
     stage_config,
 )
-from minima_cli.score import load_scores, run_score
-from minima_cli.tiny import build_tiny_world
+from minima_cli.stages.score import run_score
+from minima_cli.stages.tiny import build_tiny_world
+from minima_cli.units import format_count
 
 
 def main() -> None:

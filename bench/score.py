@@ -26,8 +26,8 @@ from collections.abc import Callable
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from minima_cli.arch import shape_from_config
-from minima_cli.score import activation_scores, gradient_scores
+from minima_cli.model.arch import shape_from_config
+from minima_cli.stages.score import activation_scores, gradient_scores
 
 GOAL = 1.15
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

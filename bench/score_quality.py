@@ -17,20 +17,18 @@ import math
 import tempfile
 from pathlib import Path
 
-from minima_cli.arch import shape_from_config
-from minima_cli.checkpoint import load_model, load_tokenizer, resolve_model
-from minima_cli.data import pack_documents, read_documents, tokenize_documents
-from minima_cli.masks import masked
-from minima_cli.prune import plan_masks, plan_prune, resolve_target
-from minima_cli.score import (
-    activation_scores,
-    gradient_scores,
-    normalize_scores,
-    random_scores,
-    score_blocks,
-)
-from minima_cli.tiny import build_tiny_world
-from minima_cli.train_state import evaluate_loss
+from minima_cli.data.pack import pack_documents
+from minima_cli.data.read import read_documents
+from minima_cli.data.tokenize import tokenize_documents
+from minima_cli.model.arch import shape_from_config
+from minima_cli.model.checkpoint import load_model, load_tokenizer, resolve_model
+from minima_cli.model.masks import masked
+from minima_cli.model.scores import normalize_scores, random_scores
+from minima_cli.model.selection import plan_masks, plan_prune
+from minima_cli.model.shapes import resolve_target
+from minima_cli.stages.score import activation_scores, gradient_scores, score_blocks
+from minima_cli.stages.tiny import build_tiny_world
+from minima_cli.training.state import evaluate_loss
 
 TARGETS = {"ratio 0.75": {"ratio": 0.75}, "ratio 0.5": {"ratio": 0.5},
            "ffn only 50%": {"shape": {"ffn": 88}}, "hidden only 75%": {"shape": {"hidden": 48}},

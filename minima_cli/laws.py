@@ -23,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from minima_cli.arch import format_count
 from minima_cli.errors import MinimaError
-from minima_cli.prune import parse_size
+from minima_cli.units import format_count, parse_size
 
 DAYS_PER_MONTH = 365.25 / 12
 DEFAULT_D0 = 1e12  # the densing paper fixes the reference training set at 1T tokens

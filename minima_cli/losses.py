@@ -742,3 +742,8 @@ def naive_distillation_loss(
     ).view(labels.shape)
     ce = _masked_mean(ce_tok, valid)
     return alpha * ce + (1 - alpha) * kd, {"ce": ce.detach(), "kd": kd.detach()}
+
+
+def next_token_labels(batch: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits: position t predicts token t + 1; the last is ignored."""
+    return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], IGNORE_INDEX)], 1)

@@ -64,7 +64,7 @@ RELOAD_AND_GENERATE = (
 
 def run_cli(args: list, capsys) -> tuple[int, str, str]:
     """Run `minima ARGS` in-process: (exit code, stdout, stderr)."""
-    from minima_cli.cli import main
+    from minima_cli.cli.app import main
 
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
@@ -104,7 +104,7 @@ def reload_and_generate(model_dir: Path, prompt: str, new_tokens: int = 5) -> tu
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """A small trained tiny world (teacher/, data/), shared by the CLI tests."""
-    from minima_cli.tiny import build_tiny_world
+    from minima_cli.stages.tiny import build_tiny_world
 
     root = tmp_path_factory.mktemp("tiny_world")
     build_tiny_world(root, seed=0, gqa=True, tied=True, n_documents=400, steps=30)

@@ -11,16 +11,11 @@ import torch
 from conftest import save_model, tiny_random_model
 from safetensors.torch import load_file
 
-from minima_cli.arch import count_parameters, shape_from_config
-from minima_cli.checkpoint import (
-    SafetensorsStreamWriter,
-    TensorSpec,
-    atomic_output_dir,
-    model_fingerprint,
-    read_safetensors_specs,
-    resolve_model,
-)
 from minima_cli.errors import MinimaError
+from minima_cli.fsutil import atomic_output_dir
+from minima_cli.model.arch import count_parameters, shape_from_config
+from minima_cli.model.checkpoint import model_fingerprint, resolve_model
+from minima_cli.model.tensors import SafetensorsStreamWriter, TensorSpec, read_safetensors_specs
 
 
 def test_stream_writer_round_trips_every_dtype(tmp_path):
@@ -72,7 +67,7 @@ def test_atomic_output_dir_success_failure_and_force(tmp_path):
 def test_a_killed_writer_leaves_no_output_and_its_temp_is_cleaned_later(tmp_path):
     out = tmp_path / "out"
     code = (
-        "import os, sys; from pathlib import Path; from minima_cli.checkpoint import "
+        "import os, sys; from pathlib import Path; from minima_cli.fsutil import "
         "atomic_output_dir\n"
         "with atomic_output_dir(Path(sys.argv[1])) as tmp:\n"
         "    (tmp / 'f').write_text('x'); os.kill(os.getpid(), 9)\n"
@@ -122,7 +117,7 @@ def test_a_gguf_model_is_no_longer_flagged_quantized():
     # The flag that makes the HF Trainer refuse a dequantized GGUF model, set as transformers does.
     from transformers.trainer_utils import validate_quantization_for_training
 
-    from minima_cli.checkpoint import clear_quantized_flag
+    from minima_cli.model.checkpoint import clear_quantized_flag
 
     model = tiny_random_model()
     from types import SimpleNamespace
@@ -141,7 +136,7 @@ def test_a_gguf_model_is_no_longer_flagged_quantized():
 def test_quiet_transformers_silences_the_gguf_reader_bar(capsys):
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    from minima_cli.checkpoint import quiet_transformers
+    from minima_cli.model.checkpoint import quiet_transformers
 
     original = gguf_utils.tqdm
     with quiet_transformers():

@@ -14,7 +14,7 @@ from conftest import reload_and_generate, save_model, tiny_random_model
 from conftest import run_cli as run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minima_cli.cli import main
+from minima_cli.cli.app import main
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_unknown_option_is_one_line(capsys):
 
 
 def test_failure_mid_write_leaves_nothing(tiny_world, scored, tmp_path, capsys, monkeypatch):
-    import minima_cli.prune as prune
+    import minima_cli.model.slicing as prune
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")

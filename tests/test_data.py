@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minima_cli.data import pack_documents, read_documents, tokenize_documents
+from minima_cli.data.pack import pack_documents
+from minima_cli.data.read import read_documents
+from minima_cli.data.tokenize import tokenize_documents
 from minima_cli.errors import MinimaError
 
 
@@ -189,7 +191,7 @@ def test_pack_documents_too_little_data() -> None:
 
 
 def test_tokenize_documents_adds_no_special_tokens() -> None:
-    from minima_cli.tiny import train_tokenizer
+    from minima_cli.stages.tiny import train_tokenizer
 
     texts = ["the cat sat on the mat.", "one plus two is three."] * 20
     tokenizer = train_tokenizer(texts, vocab_size=300)

@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli, save_model, tiny_random_model
 from safetensors.torch import load_file
 
-from minima_cli.cli import main
+from minima_cli.cli.app import main
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, pruned, tmp_path):
 def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
     other = tmp_path / "other"
     save_model(tiny_random_model("llama"), other)
-    from minima_cli.tiny import make_corpus, train_tokenizer
+    from minima_cli.stages.tiny import make_corpus, train_tokenizer
 
     train_tokenizer(make_corpus(50, seed=7), vocab_size=300).save_pretrained(other)
     broken = tmp_path / "broken"
@@ -129,9 +129,9 @@ def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tiny_world, pruned, tmp_path, capsys):
-    from minima_cli.checkpoint import load_model, resolve_model
-    from minima_cli.train import TrainConfig, build_optimizer
-    from minima_cli.train_state import save_training_checkpoint
+    from minima_cli.model.checkpoint import load_model, resolve_model
+    from minima_cli.training.loop import TrainConfig, build_optimizer
+    from minima_cli.training.state import save_training_checkpoint
 
     model = load_model(resolve_model(str(pruned)))
     save_training_checkpoint(tmp_path / "out.run" / "checkpoints", model,
@@ -195,8 +195,8 @@ def test_hidden_state_loss_on_kept_dims_and_yaml_config(tiny_world, pruned, tmp_
 
 def test_alpha_one_is_the_lm_loss_without_the_teacher(tiny_world, pruned, tmp_path,
                                                       monkeypatch):
-    from minima_cli import distill
     from minima_cli.losses import distillation_loss, summed_cross_entropy
+    from minima_cli.stages import distill
 
     logits = torch.randn(2, 5, 40, requires_grad=True)
     labels = distill.next_token_labels(torch.randint(0, 40, (2, 5)))

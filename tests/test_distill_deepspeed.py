@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from test_distill import pruned  # noqa: F401  (the module fixture: a pruned tiny student)
 
-from minima_cli.cli import main
-from minima_cli.train import free_port
+from minima_cli.cli.app import main
+from minima_cli.training.loop import free_port
 
 pytest.importorskip("deepspeed")
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"

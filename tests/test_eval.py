@@ -1,4 +1,4 @@
-"""Tests for minima_cli.evaluate (`minima eval`): perplexity against a hand computation, multiple
+"""Tests for `minima eval`: perplexity against a hand computation, multiple
 choice against lm-evaluation-harness on the same local task, generation, task specs, the CLI."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import run_cli, save_model, tiny_random_model
 
-from minima_cli import evaluate as ev
 from minima_cli.errors import MinimaError
-from minima_cli.tiny import make_corpus, torch_threads, train_tokenizer
+from minima_cli.runtime import torch_threads
+from minima_cli.stages import evaluate as ev
+from minima_cli.stages.tiny import make_corpus, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,7 @@ def test_mc_agrees_with_lm_eval_harness(tiny_world: Path, tmp_path: Path, style:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from minima_cli.checkpoint import load_model, load_tokenizer, resolve_model
+    from minima_cli.model.checkpoint import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(tiny_world / "teacher")
     model, tok = load_model(source), load_tokenizer(source)
@@ -436,9 +437,11 @@ def test_ppl_matches_the_tiny_worlds_valid_perplexity(tiny_world: Path, tmp_path
     assert code == 0, stderr
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     ppl = results["models"][0]["tasks"]["ppl:valid"]["ppl"]
-    from minima_cli.checkpoint import load_model, load_tokenizer, resolve_model
-    from minima_cli.data import pack_documents, read_documents, tokenize_documents
-    from minima_cli.train_state import evaluate_loss
+    from minima_cli.data.pack import pack_documents
+    from minima_cli.data.read import read_documents
+    from minima_cli.data.tokenize import tokenize_documents
+    from minima_cli.model.checkpoint import load_model, load_tokenizer, resolve_model
+    from minima_cli.training.state import evaluate_loss
 
     source = resolve_model(tiny_world / "teacher")
     tok = load_tokenizer(source)

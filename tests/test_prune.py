@@ -11,23 +11,15 @@ from conftest import save_model, tiny_random_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from minima_cli.arch import ModelShape, count_parameters, shape_from_config
-from minima_cli.checkpoint import resolve_model
 from minima_cli.errors import MinimaError
-from minima_cli.masks import Masks, masked
-from minima_cli.prune import (
-    parse_shape,
-    parse_size,
-    plan_masks,
-    plan_prune,
-    prune_checkpoint,
-    resolve_target,
-    row_runs,
-    select_layers,
-    split_heads,
-    top_k,
-)
-from minima_cli.score import random_scores
+from minima_cli.model.arch import ModelShape, count_parameters, shape_from_config
+from minima_cli.model.checkpoint import resolve_model
+from minima_cli.model.masks import Masks, masked
+from minima_cli.model.scores import random_scores
+from minima_cli.model.selection import plan_masks, plan_prune, select_layers, top_k
+from minima_cli.model.shapes import parse_shape, resolve_target, split_heads
+from minima_cli.model.slicing import prune_checkpoint, row_runs
+from minima_cli.units import parse_size
 
 LLAMA2_7B = ModelShape(layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=11008,
                        vocab=32000, tied=False)
@@ -252,7 +244,7 @@ def test_row_runs():
 
 
 def test_exact_when_tensors_stream_in_many_small_chunks(tmp_path, monkeypatch):
-    import minima_cli.prune as prune
+    import minima_cli.model.slicing as prune
 
     monkeypatch.setattr(prune, "CHUNK_BYTES", 300)  # a few rows per read
     model = tiny_random_model("llama_bias", tied=False)

@@ -10,17 +10,16 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from minima_cli.arch import ModelShape
 from minima_cli.errors import MinimaError
-from minima_cli.recipe import load_recipe, validate
-from minima_cli.run import (
+from minima_cli.model.arch import ModelShape
+from minima_cli.pipeline.memory import (
     activation_bytes,
-    hashed_options,
     layer_activation_values,
-    stage_hash,
     token_budget,
     zero_memory,
 )
+from minima_cli.pipeline.recipe import load_recipe, validate
+from minima_cli.pipeline.stamps import hashed_options, stage_hash
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -193,7 +192,7 @@ def test_activation_bytes_match_hand_numbers():
 
 
 def test_token_budget():
-    from minima_cli.distill import DistillConfig
+    from minima_cli.stages.distill import DistillConfig
 
     config = DistillConfig(seq_len=4096, batch_size=8, grad_accum=8, max_tokens=126 * 10**9)
     assert token_budget(config, 16) == {"steps": 30041, "tokens_per_step": 4194304,

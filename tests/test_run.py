@@ -14,9 +14,9 @@ import torch
 from conftest import kill_at_checkpoint, run_cli
 from safetensors.torch import load_file
 
-from minima_cli.recipe import load_recipe
-from minima_cli.run import HASH_FILE, resume_decision
-from minima_cli.train_state import STATE_FILE
+from minima_cli.pipeline.recipe import load_recipe
+from minima_cli.pipeline.run import HASH_FILE, resume_decision
+from minima_cli.training.state import STATE_FILE
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
 # The tiny recipe at test size: a smaller world, a few steps of each training stage, and every
@@ -47,7 +47,7 @@ def statuses(stdout: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> tuple[Path, str]:
     """The tiny recipe run once, uninterrupted: (workdir, the summary printed)."""
-    from minima_cli.cli import main
+    from minima_cli.cli.app import main
 
     workdir = tmp_path_factory.mktemp("pipeline") / "tiny"
     import io

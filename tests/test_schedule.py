@@ -12,15 +12,17 @@ import pytest
 import torch
 from conftest import run_cli, save_model, tiny_random_model
 
-from minima_cli.arch import ModelShape, count_parameters, shape_from_config
-from minima_cli.checkpoint import resolve_model
-from minima_cli.cli import main
-from minima_cli.distill import DistillConfig, next_token_labels
+from minima_cli.cli.app import main
 from minima_cli.errors import MinimaError
-from minima_cli.losses import distillation_loss
-from minima_cli.masks import masked
-from minima_cli.prune import plan_masks, plan_prune, resolve_target
-from minima_cli.schedule import (
+from minima_cli.losses import distillation_loss, next_token_labels
+from minima_cli.model.arch import ModelShape, count_parameters, shape_from_config
+from minima_cli.model.checkpoint import resolve_model
+from minima_cli.model.masks import masked
+from minima_cli.model.scores import random_scores
+from minima_cli.model.selection import plan_masks, plan_prune
+from minima_cli.model.shapes import resolve_target
+from minima_cli.stages.distill import DistillConfig
+from minima_cli.stages.schedule import (
     build_candidates,
     candidate_shapes,
     choose_assistant,
@@ -32,7 +34,6 @@ from minima_cli.schedule import (
     sandwich_widths,
     spearman,
 )
-from minima_cli.score import random_scores
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import tiny_random_model
 
-from minima_cli.arch import shape_from_config
-from minima_cli.masks import Masks, masked
-from minima_cli.score import activation_scores, gradient_scores, lm_loss, normalize_scores
+from minima_cli.model.arch import shape_from_config
+from minima_cli.model.masks import Masks, masked
+from minima_cli.model.scores import normalize_scores
+from minima_cli.stages.score import activation_scores, gradient_scores, lm_loss
 
 
 def batches_for(vocab: int, n: int = 3, seed: int = 0) -> list[torch.Tensor]:

@@ -12,31 +12,29 @@ import torch
 from conftest import kill_at_checkpoint, run_cli, tiny_random_model
 from safetensors.torch import load_file
 
-from minima_cli.errors import MinimaError
-from minima_cli.evaluate import CHATML_TEMPLATE as EVAL_CHATML
-from minima_cli.losses import IGNORE_INDEX
-from minima_cli.sft import (
+from minima_cli.data.chat import (
     CHATML_TEMPLATE,
     ChatRowStream,
     Example,
-    SftConfig,
     collate,
     encode_conversations,
     fit_examples,
-    make_evaluate_fn,
-    make_loss_fn,
     make_rows,
     pack_examples,
     to_messages,
 )
-from minima_cli.tiny import torch_threads
+from minima_cli.errors import MinimaError
+from minima_cli.losses import IGNORE_INDEX
+from minima_cli.runtime import torch_threads
+from minima_cli.stages.evaluate import CHATML_TEMPLATE as EVAL_CHATML
+from minima_cli.stages.sft import SftConfig, make_evaluate_fn, make_loss_fn
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """An untrained tiny world (tokenizer with ChatML tokens, random model, chat data) and a
     64-conversation slice of its chat data."""
-    from minima_cli.tiny import build_tiny_world
+    from minima_cli.stages.tiny import build_tiny_world
 
     root = tmp_path_factory.mktemp("sft_world")
     torch.manual_seed(0)
@@ -340,7 +338,7 @@ def test_a_tokenizer_without_chatml_tokens_gets_them(world, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-    from minima_cli.tiny import make_corpus
+    from minima_cli.stages.tiny import make_corpus
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

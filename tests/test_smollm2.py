@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import reload_and_generate
 
-from minima_cli.arch import shape_from_config
-from minima_cli.checkpoint import load_model, resolve_model
-from minima_cli.masks import masked
-from minima_cli.prune import PrunePlan, plan_masks, run_prune
-from minima_cli.score import run_score
+from minima_cli.model.arch import shape_from_config
+from minima_cli.model.checkpoint import load_model, resolve_model
+from minima_cli.model.masks import masked
+from minima_cli.model.selection import PrunePlan, plan_masks
+from minima_cli.stages.prune import run_prune
+from minima_cli.stages.score import run_score
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

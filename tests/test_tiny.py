@@ -1,4 +1,4 @@
-"""Tests for minima_cli.tiny: the synthetic world used by tests, the demo and the benchmarks."""
+"""The tiny stage: the synthetic world used by tests, the demo and the benchmarks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from minima_cli.errors import MinimaError
-from minima_cli.tiny import (
+from minima_cli.stages.tiny import (
     _GRAMMAR,
     ASKABLE_TEMPLATES,
     ATTRIBUTE_VALUES,

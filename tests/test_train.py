@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from minima_cli.distill import hidden_map, parse_layer_pairs, uniform_layer_pairs
 from minima_cli.errors import MinimaError
-from minima_cli.train import TrainConfig, resolve_deepspeed_config, truncate_log
+from minima_cli.stages.distill import hidden_map, parse_layer_pairs, uniform_layer_pairs
+from minima_cli.training.loop import TrainConfig, resolve_deepspeed_config, truncate_log
 
 SETTINGS = {"batch_size": 4, "grad_accum": 2, "clip": 1.0, "world_size": 2, "bf16": False}
 

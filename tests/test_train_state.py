@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_random_model
 
 from minima_cli.errors import MinimaError
-from minima_cli.train_state import (
+from minima_cli.training.state import (
     learning_rate,
     list_checkpoints,
     load_training_checkpoint,
@@ -99,7 +99,7 @@ def test_keep_last_and_refusal_of_a_foreign_checkpoint(tmp_path):
 
 
 def test_clip_gradients_scales_only_over_the_limit():
-    from minima_cli.train_state import clip_gradients
+    from minima_cli.training.state import clip_gradients
 
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
     params[0].grad = torch.tensor([3.0, 0.0, 0.0])

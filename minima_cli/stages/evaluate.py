@@ -48,12 +48,16 @@ from typing import Any
 
 import torch
 
-from minima_cli.checkpoint import first_line
-from minima_cli.errors import MinimaError
+from minima_cli.errors import MinimaError, first_line
 from minima_cli.progress import step_progress
+from minima_cli.runtime import resolve_device
 
 TASK_KINDS = ("ppl", "mc", "gen", "lm-eval")
+
+
 BACKENDS = ("minima", "lm-eval")
+
+
 # Accepted `key=value` options per task kind (anything else is a typo worth one clear line).
 TASK_OPTIONS = {
     "ppl": ("field",),
@@ -61,11 +65,23 @@ TASK_OPTIONS = {
     "gen": ("match", "max_tokens", "temperature", "top_p"),
     "lm-eval": ("shots",),
 }
+
+
 MC_STYLES = ("cloze", "letters")
+
+
 MATCH_MODES = ("exact", "contains")
+
+
 TARGET_DELIMITER = " "  # lm-eval's default between a question and its answer
+
+
 FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default between few-shot examples
+
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 # ChatML, used when a tokenizer carries no chat template of its own (the tiny world's tokenizer
 # reserves <|im_start|> / <|im_end|> for it).
 CHATML_TEMPLATE = (
@@ -73,13 +89,14 @@ CHATML_TEMPLATE = (
     " + '<|im_end|>' + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
 DEFAULT_MAX_LENGTH = 2048  # cap on the default window: a 128k-context model on CPU is no default
+
+
 # Models this narrow run on one CPU thread: their matrices gain nothing from more, and on a busy
 # machine spinning OpenMP threads made the tiny teacher's evaluation 30x slower.
 SMALL_HIDDEN = 256
-
-
-# --- task specs -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -205,7 +222,7 @@ def infer_kind(path: Path) -> str:
 
 def read_records(path: Path) -> list[tuple[int, Any]]:
     """(line number, record) for each non-blank line, or one clear line on a bad file."""
-    from minima_cli.data import read_jsonl  # the data layer's reader: same messages everywhere
+    from minima_cli.data.read import read_jsonl  # the data layer's reader: same messages everywhere
 
     try:
         return list(read_jsonl(Path(path)))
@@ -213,9 +230,6 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
         raise MinimaError(f"file not found: {path}") from None
     except UnicodeDecodeError:
         raise MinimaError(f"{path}: not UTF-8 text") from None
-
-
-# --- multiple choice ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -395,9 +409,6 @@ def mc_shots(spec: TaskSpec) -> list[McItem]:
     return dev[:shots]
 
 
-# --- perplexity -----------------------------------------------------------------------------------
-
-
 def perplexity_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
     """The windows that score a stream of `n_tokens` tokens: `(begin, end, first)` each, meaning
     the model reads tokens `[begin, end)` and scores tokens `[first, end)`, each with the
@@ -427,7 +438,7 @@ def perplexity_windows(n_tokens: int, max_length: int, stride: int) -> list[tupl
 def document_stream(tokenizer: Any, documents: Sequence[str]) -> list[int]:
     """`EOS d1 EOS d2 ... EOS dn EOS`, the training layout (documents end with EOS) with a
     leading EOS so the first document's first token is predicted like every other's."""
-    from minima_cli.data import tokenize_documents
+    from minima_cli.data.tokenize import tokenize_documents
 
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -465,9 +476,6 @@ def strided_nll(model: torch.nn.Module, ids: Sequence[int], *, max_length: int, 
     if count == 0:
         raise MinimaError("the text is too short to score (fewer than 2 tokens)")
     return total, count
-
-
-# --- generation -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -577,9 +585,6 @@ def generate(model: torch.nn.Module, tokenizer: Any, items: Sequence[GenItem], *
         if on_batch:
             on_batch(int(mask.sum()) + int(new.numel()))
     return outputs
-
-
-# --- lm-evaluation-harness backend ----------------------------------------------------------------
 
 
 def mc_task_config(task_name: str, test_file: Path, dev_file: Path | None, style: str
@@ -698,9 +703,6 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, *, batch
     return metrics
 
 
-# --- running the evaluation -----------------------------------------------------------------------
-
-
 @dataclass
 class EvalConfig:
     backend: str = "minima"
@@ -726,7 +728,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskS
                    ) -> dict[str, Any]:
     """Every task on one loaded model: {task name: metrics}, plus parameters and throughput.
     Generated texts go to `generations[task name]` when a dict is given."""
-    from minima_cli.tiny import torch_threads
+    from minima_cli.runtime import torch_threads
 
     small = next(model.parameters()).device.type == "cpu" and \
         getattr(model.config, "hidden_size", 0) <= SMALL_HIDDEN
@@ -794,7 +796,7 @@ def _limit(items: list, limit: int | None) -> list:
 
 def eval_ppl(model, tokenizer, spec: TaskSpec, max_length: int, stride: int, config: EvalConfig,
              progress: bool, count: Callable[[int], None]) -> dict[str, Any]:
-    from minima_cli.data import read_documents
+    from minima_cli.data.read import read_documents
 
     documents = _limit(read_documents(spec.target, spec.options.get("field", "text")),
                        config.limit)
@@ -910,8 +912,8 @@ def run_eval(*, models: Sequence[str], tasks: Sequence[str], config: EvalConfig,
              device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """The `minima eval` stage: parse and check every task and model before any loads, evaluate
     each model in turn, write `results.json` (+ generations/*.jsonl, minima.json) atomically."""
-    from minima_cli.checkpoint import (
-        check_output,
+    from minima_cli.fsutil import check_output
+    from minima_cli.model.checkpoint import (
         load_model,
         load_tokenizer,
         model_fingerprint,
@@ -987,23 +989,10 @@ def run_eval(*, models: Sequence[str], tasks: Sequence[str], config: EvalConfig,
     return results
 
 
-def resolve_device(device: str) -> str:
-    """auto -> cuda when there is one; anything torch cannot use is one clear line."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise MinimaError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MinimaError(f"--device {device}: no CUDA device is available")
-    return device
-
-
 def write_results(output: Path, results: dict[str, Any],
                   generations: list[dict[str, list[dict[str, Any]]]], *, force: bool) -> None:
     """results.json, generations/INDEX-MODEL-TASK.jsonl and minima.json, all or nothing."""
-    from minima_cli.checkpoint import atomic_output_dir, write_manifest
+    from minima_cli.fsutil import atomic_output_dir, write_manifest
 
     with atomic_output_dir(output, force=force) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")

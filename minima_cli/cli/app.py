@@ -22,6 +22,7 @@ try:  # typer >= 0.26 vendors its own click
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_errors
 
+
 app = typer.Typer(
     name="minima",
     help="Compress LLaMA-family language models: score -> prune -> distill -> sft -> eval.\n\n"
@@ -31,6 +32,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
 out = Console(soft_wrap=True)  # long messages stay one line, for logs and grep
 
 
@@ -79,6 +82,8 @@ def main_options(
 
 
 FORCE = typer.Option(False, "--force", help="Replace an existing output directory.")
+
+
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
 
@@ -101,8 +106,8 @@ def tiny(
 ) -> None:
     """Build the tiny world in seconds: a small LLaMA teacher pre-trained on a generated corpus
     with a locally trained byte-level BPE tokenizer. Everything offline."""
-    from minima_cli.checkpoint import atomic_output_dir, write_manifest
-    from minima_cli.tiny import build_tiny_world
+    from minima_cli.fsutil import atomic_output_dir, write_manifest
+    from minima_cli.stages.tiny import build_tiny_world
 
     with atomic_output_dir(output, force=force) as tmp:
         summary = build_tiny_world(tmp, seed=seed, gqa=gqa, tied=tied, n_documents=documents,
@@ -146,7 +151,7 @@ def score(
 ) -> None:
     """Score heads, kv groups, FFN neurons, hidden dims and layers by the gradient of the LM loss
     w.r.t. masks on them (parameters frozen), accumulated over data."""
-    from minima_cli.score import run_score
+    from minima_cli.stages.score import run_score
 
     manifest = run_score(model_path=model, data=data, output=output, batches=batches,
                          seq_len=seq_len, batch_size=batch_size, method=method.value,
@@ -190,7 +195,7 @@ def prune(
 ) -> None:
     """Structured pruning on layers, hidden dims, heads (GQA-aware), kv groups and FFN neurons,
     into a standard HF checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads."""
-    from minima_cli.prune import run_prune
+    from minima_cli.stages.prune import run_prune
 
     result = run_prune(model_path=model, output=output, scores_path=scores, shape=shape,
                        params=params, ratio=ratio, priority=priority.value,
@@ -249,24 +254,47 @@ CONFIG = typer.Option(None, "--config", "-c", help="YAML file with any of these 
                       "(keys as the long flags, at top level or under the command's name); "
                       "flags given on the command line win.")
 
+
 # training options shared by distill and sft
 GRAD_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step.")
+
+
 SCHEDULE = typer.Option("cosine", help="cosine, linear or constant after warmup.")
+
+
 MIN_LR_RATIO = typer.Option(0.1, "--min-lr-ratio", help="Final lr as a fraction of "
                             "the peak.")
+
+
 WEIGHT_DECAY = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (none on "
                             "norms and biases).")
+
+
 CLIP = typer.Option(1.0, help="Clip the global gradient norm to this (0: no clipping).")
+
+
 SAVE_EVERY = typer.Option(50, "--save-every", help="Checkpoint every N steps.")
+
+
 KEEP_LAST = typer.Option(2, "--keep-last", help="Checkpoints kept.")
+
+
 GRADIENT_CHECKPOINTING = typer.Option(False, "--gradient-checkpointing", help="Trade "
                                       "compute for activation memory.")
+
+
 TENSORBOARD = typer.Option(True, "--tensorboard/--no-tensorboard", help="TensorBoard "
                            "scalars next to log.jsonl.")
+
+
 RESUME = typer.Option(False, "--resume", help="Continue OUTPUT.run/ from its newest "
                       "checkpoint, exactly.")
+
+
 PRECISION = typer.Option("auto", help="fp32, bf16 (autocast; DeepSpeed: bf16 weights) or auto: "
                          "bf16 where the hardware has it (GPU, CPUs with AVX512-BF16/AMX).")
+
+
 DEEPSPEED = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. "
                          "recipes/deepspeed/zero3.json); launch with torchrun or accelerate "
                          "launch for several processes.")
@@ -338,7 +366,7 @@ def distill(
     coexist. Runs on one process, or many under torchrun / accelerate launch with DeepSpeed."""
     import dataclasses
 
-    from minima_cli.distill import DistillConfig, run_distill
+    from minima_cli.stages.distill import DistillConfig, run_distill
 
     params = merged_params(ctx, config, "distill")
     for required in ("student", "data", "output"):
@@ -379,7 +407,7 @@ def cache_teacher(
 ) -> None:
     """Run the teacher once over the training data and store its top-k log-probs per token, so
     `minima distill --teacher-cache DIR --loss topk` trains without the teacher in memory."""
-    from minima_cli.teacher_cache import run_cache_teacher
+    from minima_cli.stages.cache_teacher import run_cache_teacher
 
     manifest = run_cache_teacher(teacher_path=teacher, data=data, output=output, seq_len=seq_len,
                                  k=k, seed=seed, valid_fraction=valid_fraction,
@@ -437,9 +465,9 @@ def schedule(
     """MiniDisc's teacher-assistant schedule: nested candidates pruned from the teacher, one
     sandwich run for every candidate's dev metric P, the assistant maximising P + lambda * s,
     then teacher -> assistant -> student (or teacher -> student when the teacher wins)."""
-    from minima_cli.arch import format_count
-    from minima_cli.distill import DistillConfig
-    from minima_cli.schedule import describe, parse_sparsities, run_schedule
+    from minima_cli.stages.distill import DistillConfig
+    from minima_cli.stages.schedule import describe, parse_sparsities, run_schedule
+    from minima_cli.units import format_count
 
     config = DistillConfig(loss=loss, alpha=alpha, seq_len=seq_len, batch_size=batch_size,
                            lr=lr, max_steps=distill_steps, seed=seed)
@@ -526,7 +554,7 @@ def eval_command(
     quiet: bool = QUIET,
 ) -> None:
     """Evaluate models side by side (the task syntax is in EVAL_HELP)."""
-    from minima_cli.evaluate import EvalConfig, run_eval, table_rows
+    from minima_cli.stages.evaluate import EvalConfig, run_eval, table_rows
 
     config = EvalConfig(backend=backend, max_length=max_length, stride=stride,
                         batch_size=batch_size, limit=limit, seed=seed)
@@ -605,7 +633,7 @@ def sft(
     a teacher. Checkpoints, --resume, logs and DeepSpeed as distill."""
     import dataclasses
 
-    from minima_cli.sft import SftConfig, run_sft
+    from minima_cli.stages.sft import SftConfig, run_sft
 
     params = merged_params(ctx, config, "sft")
     for required in ("model", "data", "output"):
@@ -653,9 +681,9 @@ def run_command(
     """Run a recipe: every stage into WORKDIR/<stage>/, skipping the ones whose outputs match
     their inputs and settings, re-running stale ones, resuming a killed training stage; ends
     with a summary table (`minima report WORKDIR` adds plots)."""
-    from minima_cli.recipe import load_recipe
-    from minima_cli.run import dry_run as plan_of
-    from minima_cli.run import run_recipe, summary_table
+    from minima_cli.pipeline.dryrun import dry_run as plan_of
+    from minima_cli.pipeline.recipe import load_recipe
+    from minima_cli.pipeline.run import run_recipe, summary_table
 
     loaded = load_recipe(recipe, overrides or [], workdir)
     wide = out if out.is_terminal else Console(soft_wrap=True, width=160)  # not a pipe's 80
@@ -675,10 +703,10 @@ def report(
 ) -> None:
     """Write WORKDIR/report/report.md: the summary table and PNG plots (loss curves, per-layer
     score heatmaps, parameters vs perplexity)."""
-    from minima_cli.report import write_report
+    from minima_cli.pipeline.report import write_report
 
     if workdir.is_file() and workdir.suffix in (".yaml", ".yml"):
-        from minima_cli.recipe import load_recipe
+        from minima_cli.pipeline.recipe import load_recipe
 
         workdir = load_recipe(workdir).workdir
     out.print(f"report: {write_report(workdir)}")
@@ -729,7 +757,7 @@ def plan(
     """The capacity-gap law (MiniMA): the best teacher is about 2.5x the student, not the
     biggest one. Recommends a teacher for a student, or a student for a teacher."""
     from minima_cli import laws
-    from minima_cli.arch import format_count
+    from minima_cli.units import format_count
 
     if teachers and student is None:
         raise MinimaError("--teachers needs --student")
@@ -796,7 +824,7 @@ def density(
     same score) and capacity density N_hat / N of teacher and student; warns when compression
     lost density."""
     from minima_cli import laws
-    from minima_cli.arch import format_count
+    from minima_cli.units import format_count
 
     def model(text: str, what: str) -> tuple[float, float]:
         size, sep, score = text.partition(":")
@@ -864,7 +892,3 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

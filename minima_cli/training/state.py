@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from minima_cli.checkpoint import atomic_output_dir
 from minima_cli.errors import MinimaError
+from minima_cli.fsutil import atomic_output_dir
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -86,8 +86,6 @@ def learning_rate(step: int, *, peak: float, total_steps: int, warmup_steps: int
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return peak * (min_ratio + (1 - min_ratio) * shape)
 
-
-# --- training checkpoints ------------------------------------------------------------------------
 
 STATE_FILE = "state.json"
 

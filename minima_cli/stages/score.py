@@ -21,39 +21,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minima_cli.arch import ModelShape, decoder_layers, residual_norms, shape_from_config
-from minima_cli.checkpoint import (
+from minima_cli.data.pack import pack_documents
+from minima_cli.data.read import read_documents
+from minima_cli.data.tokenize import tokenize_documents
+from minima_cli.errors import MinimaError
+from minima_cli.fsutil import (
     atomic_output_dir,
     check_output,
     file_sha256,
-    load_config,
-    load_model,
-    model_fingerprint,
     read_manifest,
-    resolve_model,
     write_manifest,
 )
-from minima_cli.data import pack_documents, read_documents, tokenize_documents
-from minima_cli.errors import MinimaError
-from minima_cli.masks import AXES, Masks, masked
+from minima_cli.model.arch import ModelShape, decoder_layers, residual_norms, shape_from_config
+from minima_cli.model.checkpoint import load_config, load_model, model_fingerprint, resolve_model
+from minima_cli.model.masks import AXES, Masks, masked
+from minima_cli.model.scores import save_scores
 from minima_cli.progress import step_progress
 
-SCORES_FILE = "scores.safetensors"
 METHODS = ("grad", "activation")
-
-
-# --- pure math -----------------------------------------------------------------------------------
-
-
-def normalize_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-layer L2 normalisation of [layers, units] scores; 1-D scores by their own L2 norm."""
-    return {
-        axis: scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        for axis, scores in raw.items()
-    }
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -62,14 +49,6 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), input_ids[:, 1:].flatten())
-
-
-def random_scores(shape: ModelShape, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Uniform random scores of every mask's shape: the floor a real method must beat, and a
-    stand-in for planning in tests and benchmarks."""
-    generator = torch.Generator().manual_seed(seed)
-    return {axis: torch.rand(mask.shape, generator=generator)
-            for axis, mask in Masks.ones(shape).as_dict().items()}
 
 
 def gradient_scores(
@@ -196,26 +175,6 @@ def all_reduce_sums(
     return totals, int(scalars[0].item()), float(scalars[1].item())
 
 
-# --- files ---------------------------------------------------------------------------------------
-
-
-def save_scores(directory: Path, raw: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tensors = {**normalize_scores(raw), **{f"{axis}_raw": t for axis, t in raw.items()}}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / SCORES_FILE, metadata)
-
-
-def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a score directory (or its scores.safetensors): (tensors, manifest)."""
-    path = Path(path)
-    directory = path.parent if path.is_file() else path
-    if not (directory / SCORES_FILE).is_file():
-        raise MinimaError(f"scores not found: {directory / SCORES_FILE}")
-    manifest = read_manifest(directory)
-    if manifest.get("stage") != "score":
-        raise MinimaError(f"{directory}: not a score output (stage {manifest.get('stage')!r})")
-    return load_file(directory / SCORES_FILE), manifest
-
-
 def data_hash(source: str) -> str:
     path = Path(source)
     if path.is_file():
@@ -275,7 +234,7 @@ def run_score(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score `model_path` on `data` into `output` (scores.safetensors + minima.json)."""
-    from minima_cli.checkpoint import load_tokenizer
+    from minima_cli.model.checkpoint import load_tokenizer
 
     if method not in METHODS:
         raise MinimaError(f"unknown method {method!r}: choose {' or '.join(METHODS)}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from minima_cli.arch import ModelShape, decoder_layers, residual_norms
+from minima_cli.model.arch import ModelShape, decoder_layers, residual_norms
 
 AXES = ("heads", "kv_groups", "ffn", "hidden", "layers")
 

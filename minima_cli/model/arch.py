@@ -119,17 +119,6 @@ def count_parameters(shape: ModelShape) -> int:
     return embeddings + shape.layers * per_layer + d  # final norm
 
 
-def format_count(n: float) -> str:
-    """Human-readable parameter count: 3.02B, 134.5M, 812K."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.4g}{unit}"
-    return f"{n:.0f}"
-
-
-# --- module accessors (the only code here that touches a built model) ---------------------------
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 

@@ -10,30 +10,41 @@ Its evaluation sets (multiple choice and chat, `make_mc_sets` / `make_chat_sets`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from minima_cli.checkpoint import quiet_transformers
-from minima_cli.data import pack_documents, tokenize_documents
+from minima_cli.data.pack import pack_documents
+from minima_cli.data.tokenize import tokenize_documents
 from minima_cli.errors import MinimaError
+from minima_cli.model.checkpoint import quiet_transformers
 from minima_cli.progress import step_progress
-from minima_cli.train_state import evaluate_loss
+from minima_cli.runtime import torch_threads
+from minima_cli.training.state import evaluate_loss
 
 EOS = "<|endoftext|>"
+
+
 PAD = "<|pad|>"
+
+
 IM_START = "<|im_start|>"
+
+
 IM_END = "<|im_end|>"
+
+
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]  # trained first, so their ids are 0, 1, 2, 3
+
+
 EOS_ID, PAD_ID = 0, 1
+
 
 # Each attribute takes values from a small closed set, so a later eval can ask multiple-choice
 # questions with the other values as distractors.
@@ -44,6 +55,7 @@ ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
     "size": ("tiny", "small", "large", "huge"),
     "pet": ("cat", "dog", "owl", "fox", "goat", "horse"),
 }
+
 
 # Several phrasings per attribute: the model must bind entity and value, not memorise a string.
 FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -74,15 +86,22 @@ FACT_TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "sh")
+
+
 _VOWELS = ("a", "e", "i", "o", "u")
+
+
 _CODAS = ("", "", "n", "l", "r", "s")
+
 
 NUMBER_WORDS = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
     "nineteen", "twenty",
 )  # fmt: skip
+
 
 _GRAMMAR = {
     "det": ("the", "a", "every", "one"),
@@ -314,6 +333,8 @@ def fact_question(category: str, rng: random.Random, facts: list[dict]) -> dict:
 
 
 SKILL_CATEGORIES = ("counting", "arithmetic", "grammar")
+
+
 FACT_CATEGORIES = ("memorised", "in_context")
 
 
@@ -353,6 +374,8 @@ CHAT_QUESTIONS = {
     "size": "how big is {e}?",
     "pet": "what pet does {e} have?",
 }
+
+
 CHAT_CATEGORIES = ("arithmetic", "count", "in_context", "memorised")
 
 
@@ -527,19 +550,6 @@ def pretrain(
     finally:
         model.eval()
     return losses
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` intra-op threads. Matrices this small gain nothing from more threads, and on
-    a busy 2-core machine OpenMP threads spinning against other processes made the build up to 8x
-    slower (180 s instead of 22 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def build_tiny_world(

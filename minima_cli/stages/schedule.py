@@ -42,48 +42,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from minima_cli.arch import (
-    ModelShape,
-    count_parameters,
-    format_count,
-    shape_from_config,
-    shape_problem,
-)
-from minima_cli.checkpoint import (
+from minima_cli.data.pack import pack_documents
+from minima_cli.data.read import read_documents
+from minima_cli.data.streams import prepare_data
+from minima_cli.data.tokenize import tokenize_documents
+from minima_cli.errors import MinimaError
+from minima_cli.fsutil import atomic_output_dir, check_output, write_manifest
+from minima_cli.losses import distillation_loss, next_token_labels
+from minima_cli.model.arch import ModelShape, count_parameters, shape_from_config, shape_problem
+from minima_cli.model.checkpoint import (
     ModelSource,
-    atomic_output_dir,
-    check_output,
     load_config,
     load_model,
     load_tokenizer,
     model_fingerprint,
     resolve_model,
-    write_manifest,
 )
-from minima_cli.data import pack_documents, prepare_data, read_documents, tokenize_documents
-from minima_cli.distill import DistillConfig, next_token_labels, run_distill
-from minima_cli.errors import MinimaError
-from minima_cli.losses import distillation_loss
-from minima_cli.masks import Masks, masked
+from minima_cli.model.masks import Masks, masked
+from minima_cli.model.scores import load_scores
+from minima_cli.model.selection import PrunePlan, check_scores_match, plan_masks, plan_prune
+from minima_cli.model.shapes import resolve_target
+from minima_cli.model.slicing import prune_checkpoint
 from minima_cli.progress import step_progress
-from minima_cli.prune import (
-    PrunePlan,
-    check_scores_match,
-    plan_masks,
-    plan_prune,
-    prune_checkpoint,
-    resolve_target,
-)
-from minima_cli.score import load_scores
-from minima_cli.train_state import adamw, evaluate_loss, learning_rate, parameter_groups
+from minima_cli.stages.distill import DistillConfig, run_distill
+from minima_cli.training.state import adamw, evaluate_loss, learning_rate, parameter_groups
+from minima_cli.units import format_count
 
 # MiniDisc's grid, in percent: every 10 % plus the finer steps near the sparse end.
 DEFAULT_SPARSITIES = (0, 10, 20, 30, 40, 50, 60, 70, 80, 85, 90, 95)
+
+
 DEFAULT_LAMBDA = 0.2
+
+
 SANDWICH_LOSSES = ("fkl", "rkl", "jsd")
-
-
-# --- pure pieces ----------------------------------------------------------------------------------
 
 
 def parse_sparsities(text: str) -> list[float]:
@@ -262,9 +254,6 @@ def sandwich_widths(n: int, per_step: int, rng: random.Random) -> list[int]:
     return [0, *sorted(rng.sample(range(1, n - 1), per_step - 2)), n - 1]
 
 
-# --- the sandwich ---------------------------------------------------------------------------------
-
-
 def sandwich_step(model: torch.nn.Module, shape: ModelShape, widths: Sequence[Masks],
                   batch: torch.Tensor, teacher_logits: torch.Tensor,
                   config: DistillConfig, vocab_size: int) -> tuple[float, list[float]]:
@@ -323,9 +312,6 @@ def masked_dev_loss(model: torch.nn.Module, shape: ModelShape, masks: Masks,
                     dev: torch.Tensor, batch_size: int) -> float:
     with masked(model, masks, shape):
         return evaluate_loss(model, dev, batch_size)
-
-
-# --- candidates and chains on disk ----------------------------------------------------------------
 
 
 @dataclass

@@ -17,33 +17,32 @@ from typing import Any
 
 import torch
 
-from minima_cli.arch import shape_from_config
-from minima_cli.checkpoint import (
-    MANIFEST,
-    ModelSource,
-    copy_tokenizer_files,
-    load_config,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    read_manifest,
-    resolve_model,
-    write_manifest,
-)
-from minima_cli.data import prepare_data
+from minima_cli.data.streams import prepare_data
+from minima_cli.data.teacher_cache import TeacherCache, teacher_topk
 from minima_cli.errors import MinimaError
+from minima_cli.fsutil import MANIFEST, read_manifest, write_manifest
 from minima_cli.losses import (
-    IGNORE_INDEX,
     KINDS,
     TOPK_MODES,
     TopK,
     distillation_loss,
     hidden_state_mse,
+    next_token_labels,
     summed_cross_entropy,
 )
+from minima_cli.model.arch import shape_from_config
+from minima_cli.model.checkpoint import (
+    ModelSource,
+    check_same_tokenizer,
+    copy_tokenizer_files,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_model,
+)
 from minima_cli.progress import console
-from minima_cli.teacher_cache import TeacherCache, teacher_topk
-from minima_cli.train import (
+from minima_cli.training.loop import (
     TrainConfig,
     load_teacher,
     open_session,
@@ -85,20 +84,6 @@ class DistillConfig(TrainConfig):
             raise MinimaError(f"--topk must be positive, got {self.topk}")
         if not self.hidden_weight >= 0:
             raise MinimaError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
-
-
-def check_same_tokenizer(teacher_tok: Any, student_tok: Any) -> None:
-    """Distillation compares distributions token by token: the vocabularies must be the same
-    (padded embedding rows beyond it are fine; losses.py ignores them)."""
-    if teacher_tok.get_vocab() != student_tok.get_vocab():
-        raise MinimaError("teacher and student tokenizers differ: distillation needs one "
-                          "tokenizer (the same vocabulary)")
-    for name in ("eos_token", "bos_token", "pad_token"):
-        if getattr(teacher_tok, name) != getattr(student_tok, name):
-            raise MinimaError(f"teacher and student tokenizers differ in {name}")
-
-
-# --- the hidden-state loss's mapping -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -166,14 +151,6 @@ def prune_kept_of(student: ModelSource, teacher_fingerprint: str | None) -> dict
     return manifest.get("kept")
 
 
-# --- the loss of one micro-batch -----------------------------------------------------------------
-
-
-def next_token_labels(batch: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with the logits: position t predicts token t + 1; the last is ignored."""
-    return torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], IGNORE_INDEX)], 1)
-
-
 def needs_teacher(config: DistillConfig) -> bool:
     """alpha 1 without a hidden-state loss is the LM loss alone (a CE-only baseline at the same
     data, steps and schedule): no teacher forward, no teacher in memory."""
@@ -216,9 +193,6 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
         return loss, logged
 
     return loss_fn
-
-
-# --- the run -------------------------------------------------------------------------------------
 
 
 def run_distill(*, teacher_path: str | None, student_path: str, data: str, output: Path,

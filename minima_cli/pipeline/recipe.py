@@ -37,10 +37,29 @@ from typing import Any
 from minima_cli.errors import MinimaError
 
 STAGES = ("tiny", "score", "prune", "distill", "sft", "eval")
+
+
 MODEL_STAGES = ("prune", "distill", "sft")  # stages whose output is a model
+
+
 MODEL_NAMES = {"teacher": "teacher", "prune": "pruned", "distill": "distilled", "sft": "sft"}
+
+
 # Settings of every training stage, given once under `hardware:`.
 HARDWARE_KEYS = ("precision", "gradient_checkpointing", "deepspeed")
+
+
+# Per stage: its input keys and what they hold (how they are fingerprinted).
+INPUTS = {
+    "tiny": {},
+    "score": {"model": "model", "data": "data"},
+    "prune": {"model": "model", "scores": "dir"},
+    "distill": {"teacher": "model", "student": "model", "data": "data", "teacher_cache": "dir"},
+    "sft": {"model": "model", "data": "data", "valid_data": "data", "teacher": "model"},
+    "eval": {"models": "models", "tasks": "tasks"},
+}
+TRAINING = ("distill", "sft")
+DISTRIBUTED = ("score", "distill", "sft")  # stages that run under torchrun / accelerate launch
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -60,9 +79,6 @@ class Field:
     default: Any = None
     low: float | None = None
     choices: tuple[str, ...] = ()
-
-
-# --- values ---------------------------------------------------------------------------------------
 
 
 def references(value: Any) -> list[str]:
@@ -102,7 +118,7 @@ def package_dir(name: str) -> Path | None:
 
 
 def looks_like_hub_name(text: str) -> bool:
-    from minima_cli.data import _looks_like_hub_name
+    from minima_cli.data.read import _looks_like_hub_name
 
     return _looks_like_hub_name(text)
 
@@ -148,7 +164,7 @@ def check_local(path: str) -> None:
 
 def check_shape(value: Any) -> dict[str, int]:
     """`{layers: 24, ffn: 8192, ...}` or `'layers=24,ffn=8192'` -> {axis: width}."""
-    from minima_cli.prune import SHAPE_KEYS, parse_shape
+    from minima_cli.model.shapes import SHAPE_KEYS, parse_shape
 
     if isinstance(value, str):
         try:
@@ -168,7 +184,7 @@ def check_shape(value: Any) -> dict[str, int]:
 
 
 def check_tasks(value: Any) -> list[str]:
-    from minima_cli.evaluate import parse_task
+    from minima_cli.stages.evaluate import parse_task
 
     tasks = [value] if isinstance(value, str) else value
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
@@ -186,7 +202,7 @@ def check_tasks(value: Any) -> list[str]:
 
 def check_task_syntax(task: str) -> None:
     """The kind and option names of a task whose file does not exist yet."""
-    from minima_cli.evaluate import TASK_KINDS, TASK_OPTIONS
+    from minima_cli.stages.evaluate import TASK_KINDS, TASK_OPTIONS
 
     kind, _, rest = task.partition(":")
     if kind not in TASK_KINDS:
@@ -201,7 +217,7 @@ def check_task_syntax(task: str) -> None:
 
 
 def check_data(value: Any) -> str | list:
-    from minima_cli.data import parse_sources
+    from minima_cli.data.sources import parse_sources
 
     if not isinstance(value, str | list):
         raise Invalid("must be a data source, 'a.txt:0.7,b.jsonl:0.3', or a list of sources")
@@ -230,7 +246,7 @@ def check_memory(value: Any) -> int:
 
 def check_model_config(value: Any) -> dict[str, Any]:
     """A teacher's config for dry runs: a config.json path or the mapping itself."""
-    from minima_cli.arch import shape_from_config
+    from minima_cli.model.arch import shape_from_config
 
     if isinstance(value, str):
         path = Path(value).expanduser()
@@ -288,7 +304,7 @@ def check_value(spec: Field, value: Any) -> Any:
                           "or a directory of them)")
         return value
     if kind == "size":
-        from minima_cli.prune import parse_size
+        from minima_cli.units import parse_size
 
         text = str(int(value)) if isinstance(value, int | float) and \
             not isinstance(value, bool) else value
@@ -322,9 +338,6 @@ def did_you_mean(key: str, options: Any) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-# --- the schema -----------------------------------------------------------------------------------
-
-
 def int_field(default: int) -> Field:
     return Field("int", default, low=1 if default >= 1 else 0)
 
@@ -338,6 +351,8 @@ TOP = {
     "data": Field("data"),
     "text_field": Field("str", "text"),
 }
+
+
 HARDWARE = {
     "nodes": int_field(1),
     "gpus_per_node": int_field(1),
@@ -348,19 +363,29 @@ HARDWARE = {
     "threads": Field("int", None, low=1),
     "device": Field("str", "auto"),
 }
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 TINY = {"seed": Field("int", None, low=0), "gqa": Field("bool", True),
         "tied": Field("bool", True), "steps": int_field(200), "documents": Field("int", 2000, 10)}
+
+
 SCORE = {"model": Field("model"), "data": Field("data"), "batches": int_field(16),
          "seq_len": int_field(512), "batch_size": int_field(4),
          "method": Field("choice", "grad", choices=("grad", "activation")),
          "text_field": Field("str"), "seed": Field("int", None, low=0),
          "dtype": Field("choice", "auto", choices=DTYPES)}
+
+
 PRUNE = {"model": Field("model"), "scores": Field("dir"), "shape": Field("shape"),
          "params": Field("size"), "ratio": Field("fraction"),
          "priority": Field("choice", "local", choices=("local", "global")),
          "layer_selection": Field("choice", "auto", choices=("auto", "score", "units", "middle")),
          "multiple_of": int_field(8)}
+
+
 EVAL = {"models": Field("models"), "tasks": Field("tasks"), "max_length": Field("int", None, 2),
         "stride": Field("int", None, 1), "batch_size": int_field(8),
         "limit": Field("int", None, 1),
@@ -386,13 +411,13 @@ def config_fields(config_class: type) -> dict[str, Field]:
 
 def stage_schema(stage: str) -> dict[str, Field]:
     if stage == "distill":
-        from minima_cli.distill import DistillConfig
+        from minima_cli.stages.distill import DistillConfig
 
         return {"teacher": Field("model"), "student": Field("model"), "data": Field("data"),
                 "teacher_cache": Field("dir"), "text_field": Field("str"),
                 **config_fields(DistillConfig)}
     if stage == "sft":
-        from minima_cli.sft import SftConfig
+        from minima_cli.stages.sft import SftConfig
 
         return {"model": Field("model"), "data": Field("chat"), "valid_data": Field("chat"),
                 "teacher": Field("model"), **config_fields(SftConfig)}
@@ -402,9 +427,9 @@ def stage_schema(stage: str) -> dict[str, Field]:
 def training_config(stage: str, options: dict[str, Any], hardware: dict[str, Any]) -> Any:
     """The DistillConfig / SftConfig of a training stage: its section plus `hardware:`."""
     if stage == "distill":
-        from minima_cli.distill import DistillConfig as config_class
+        from minima_cli.stages.distill import DistillConfig as config_class
     else:
-        from minima_cli.sft import SftConfig as config_class
+        from minima_cli.stages.sft import SftConfig as config_class
     names = {f.name for f in dataclasses.fields(config_class)}
     values = {key: value for key, value in options.items() if key in names}
     values.update({key: hardware[key] for key in HARDWARE_KEYS})
@@ -417,9 +442,6 @@ def option_named_in(message: str, options: dict[str, Any]) -> str | None:
     flags = [f.replace("-", "_") for f in re.findall(r"--([a-z][a-z-]*)", message)]
     words = re.findall(r"[a-z_]+", message.replace("-", "_"))
     return next((w for w in flags + words if w in options), None)
-
-
-# --- the recipe -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -591,7 +613,7 @@ def validate(raw: dict[str, Any], path: Path, overridden: set[str] | frozenset =
 
 def check_deepspeed(check: Checker, path: str) -> None:
     """The DeepSpeed file's own checks (JSON, no optimizer/scheduler, a valid zero section)."""
-    from minima_cli.train import check_zero_section, read_deepspeed_config
+    from minima_cli.training.loop import check_zero_section, read_deepspeed_config
 
     try:
         config = read_deepspeed_config(path)

@@ -25,43 +25,26 @@ with no assistant token left is dropped and counted as `dropped`).
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import hashlib
 import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from minima_cli.checkpoint import (
-    copy_tokenizer_files,
-    file_sha256,
-    load_config,
-    load_model,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_model,
-    write_manifest,
-)
-from minima_cli.distill import DistillConfig, check_same_tokenizer
 from minima_cli.errors import MinimaError
-from minima_cli.losses import IGNORE_INDEX, TopK, distillation_loss, summed_cross_entropy
+from minima_cli.fsutil import file_sha256
+from minima_cli.losses import IGNORE_INDEX
 from minima_cli.progress import step_progress
-from minima_cli.teacher_cache import teacher_topk
-from minima_cli.train import (
-    load_teacher,
-    open_session,
-    save_final_model,
-    train,
-    training_run_dir,
-)
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
 # ChatML with the assistant replies marked for `return_assistant_tokens_mask`; it renders exactly
 # what evaluate.CHATML_TEMPLATE renders, so `minima eval` prompts a model the way sft trained it.
 CHATML_TEMPLATE = (
@@ -71,19 +54,30 @@ CHATML_TEMPLATE = (
     "{% else %}{{ message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
 ROLES = ("system", "user", "assistant", "tool")
+
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "tool": "tool", "function_call": "assistant",
                   "observation": "tool"}
+
+
 FORMATS = ("messages", "sharegpt", "prompt-response", "instruction")
+
+
 CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
 FORMAT_HELP = ("expected 'messages', 'conversations' (ShareGPT), 'prompt' + 'response' (or "
                "'completion'), or 'instruction' (+ 'input') + 'output'")
+
+
 STATE_VERSION = 1
+
+
 _SPLIT, _SHUFFLE = 11, 12  # tags that give each use of the seed its own random stream
-
-
-# --- chat records -> messages --------------------------------------------------------------------
 
 
 def to_messages(record: Any, where: str) -> tuple[str, list[dict[str, str]]]:
@@ -187,7 +181,7 @@ def chat_files(source: str | Path) -> list[Path]:
 
 
 def _records(path: Path) -> list[tuple[str, Any]]:
-    from minima_cli.data import read_jsonl
+    from minima_cli.data.read import read_jsonl
 
     try:
         if path.suffix == ".parquet":
@@ -229,9 +223,6 @@ def read_chat(source: str | Path) -> tuple[list[list[dict[str, str]]], dict[str,
     summary = {"files": [{"path": str(p), "sha256": file_sha256(p)} for p in files],
                "conversations": len(conversations), "formats": dict(formats)}
     return conversations, summary
-
-
-# --- rendering and the assistant mask ------------------------------------------------------------
 
 
 def has_generation_blocks(template: str) -> bool:
@@ -330,9 +321,6 @@ def missing_chatml_tokens(tokenizer: Any) -> list[str]:
     """ChatML's markers that are not single tokens of this tokenizer."""
     vocab = tokenizer.get_vocab()
     return [t for t in (IM_START, IM_END) if t not in vocab]
-
-
-# --- rows and the stream -------------------------------------------------------------------------
 
 
 def fit_examples(examples: list[Example], seq_len: int) -> tuple[list[Example], dict[str, int]]:
@@ -532,229 +520,3 @@ def split_conversations(n: int, *, seed: int, valid_fraction: float) -> tuple[li
     order = np.random.default_rng([seed, _SPLIT]).permutation(n)
     held = set(order[:n_valid].tolist())
     return [i for i in range(n) if i not in held], sorted(held)
-
-
-# --- the loss and the validation loss ------------------------------------------------------------
-
-
-def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size: int):
-    """`loss_fn(model, batch) -> (loss, parts)`: the mean assistant-token CE, or with a teacher
-    distill's `alpha * CE + (1 - alpha) * KD` over the same tokens; times the batch's `share`
-    of its step (`token_share`). The parts are this rank's unscaled means."""
-
-    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-        # no KV cache: with one, transformers skips the packed-sequence mask (and it wastes memory)
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
-                  "use_cache": False}
-        logits = model(**inputs).logits
-        share = batch.get("share", 1.0)
-        if teacher is None:
-            total, count = summed_cross_entropy(logits, batch["labels"])
-            loss = total / max(count, 1)
-            return loss * share, {"ce": loss.detach()}
-        with torch.no_grad():
-            target = teacher(**inputs).logits
-        if config.loss == "topk":
-            target = TopK(*teacher_topk(target, config.topk, vocab_size))
-        loss, parts = distillation_loss(
-            logits, target, batch["labels"], alpha=config.alpha, kind=config.loss,
-            topk_mode=config.topk_mode, temperature=config.temperature, beta=config.beta,
-            vocab_size=vocab_size)
-        return loss * share, {"ce": parts["ce"], "kd": parts["kd"]}
-
-    return loss_fn
-
-
-def make_evaluate_fn(rows: list[list[Example]], batch_size: int, pad_id: int, device: Any):
-    """`evaluate_fn(model)`: the held-out examples' mean cross-entropy per assistant token."""
-
-    @torch.no_grad()
-    def evaluate_fn(model: torch.nn.Module) -> float:
-        model.eval()
-        total, count = 0.0, 0
-        for start in range(0, len(rows), batch_size):
-            batch = collate(rows[start : start + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           position_ids=batch["position_ids"].to(device), use_cache=False).logits
-            summed, n = summed_cross_entropy(logits, batch["labels"].to(device))
-            total, count = total + float(summed), count + n
-        return total / max(count, 1)
-
-    return evaluate_fn
-
-
-# --- the run -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SftConfig(DistillConfig):
-    """An sft run (its hash guards --resume): distill's optimisation and (teacher) losses with
-    MiniChat's defaults, plus packing and epochs. `max_steps` 0 means `epochs` passes."""
-
-    lr: float = 2e-5
-    warmup_ratio: float = 0.1
-    max_steps: int = 0
-    epochs: float = 3.0
-    packing: bool = False
-
-    def check(self) -> None:
-        DistillConfig.check(dataclasses.replace(self, max_steps=self.max_steps or 1))
-        if self.max_steps < 0:
-            raise MinimaError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.max_steps == 0 and not self.epochs > 0:
-            raise MinimaError(f"--epochs must be positive, got {self.epochs}")
-        if self.max_tokens:
-            raise MinimaError("sft counts --epochs or --max-steps, not --max-tokens")
-        if self.hidden_weight:
-            raise MinimaError("sft has no hidden-state loss")
-
-    def steps_for(self, n_rows: int, world_size: int) -> int:
-        """`max_steps`, or the optimizer steps of `epochs` passes over `n_rows` rows."""
-        if self.max_steps:
-            return self.max_steps
-        per_step = self.batch_size * self.grad_accum * world_size
-        return max(1, math.ceil(self.epochs * n_rows / per_step))
-
-
-@dataclass
-class ChatData:
-    train_rows: list[list[Example]]
-    valid_rows: list[list[Example]]
-    summary: dict[str, Any]
-    fingerprint: str
-
-
-def prepare_chat(data: str, tokenizer: Any, template: str, config: SftConfig, *,
-                 valid_data: str | None = None, progress: bool = False) -> ChatData:
-    """Read, split, encode, fit and (optionally) pack the training and validation examples."""
-    conversations, summary = read_chat(data)
-    if valid_data is not None:
-        train_convs = conversations
-        valid_convs, valid_summary = read_chat(valid_data)
-        summary["valid"] = valid_summary
-    else:
-        if not config.valid_fraction:
-            raise MinimaError("sft validates on held-out conversations: give --valid-fraction "
-                              "> 0 or --valid-data")
-        train_idx, valid_idx = split_conversations(len(conversations), seed=config.seed,
-                                                   valid_fraction=config.valid_fraction)
-        train_convs = [conversations[i] for i in train_idx]
-        valid_convs = [conversations[i] for i in valid_idx]
-    sets = {}
-    for name, convs in (("train", train_convs), ("valid", valid_convs)):
-        examples, counts = fit_examples(
-            encode_conversations(tokenizer, template, convs, progress=progress), config.seq_len)
-        if not examples:
-            raise MinimaError(f"no {name} example keeps an assistant token within --seq-len "
-                              f"{config.seq_len}")
-        rows = make_rows(examples, config.seq_len, config.packing)
-        sets[name] = rows
-        summary[f"{name}_examples"] = len(examples)
-        summary[f"{name}_rows"] = len(rows)
-        summary[f"{name}_truncated"], summary[f"{name}_dropped"] = (counts["truncated"],
-                                                                    counts["dropped"])
-        summary[f"{name}_assistant_tokens"] = assistant_labels(rows)
-        summary[f"{name}_tokens"] = sum(len(e.ids) for e in examples)
-    fingerprint = rows_fingerprint(sets["train"] + [[]] + sets["valid"],
-                                   {"seq_len": config.seq_len, "packing": config.packing})
-    summary.update(seq_len=config.seq_len, packing=config.packing, fingerprint=fingerprint)
-    return ChatData(sets["train"], sets["valid"], summary, fingerprint)
-
-
-def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
-            teacher_path: str | None = None, valid_data: str | None = None,
-            resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    config.check()
-    run_dir = training_run_dir(output, force=force, resume=resume)
-    source = resolve_model(model_path)
-    max_positions = getattr(load_config(source), "max_position_embeddings", None)
-    if max_positions and config.seq_len > max_positions:
-        raise MinimaError(f"--seq-len {config.seq_len} exceeds the model's {max_positions} "
-                          "positions")
-    tokenizer = load_tokenizer(source)
-    teacher_src = resolve_model(teacher_path) if teacher_path else None
-    if teacher_src is not None:
-        check_same_tokenizer(load_tokenizer(teacher_src), tokenizer)
-    template, default_template = chat_template_of(tokenizer)
-    missing = missing_chatml_tokens(tokenizer) if default_template else []
-    if missing and teacher_src is not None:
-        raise MinimaError(f"the tokenizer has no chat template and no {' / '.join(missing)} "
-                          "tokens for the ChatML default, and with a teacher minima cannot add "
-                          "them: give both models a chat template")
-    if missing:
-        from tokenizers import AddedToken
-
-        # the ids the model will learn (the embeddings grow once the model is loaded)
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
-                             special_tokens=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-        tokenizer.eos_token_id or 0)
-    chat = prepare_chat(data, tokenizer, template, config, valid_data=valid_data,
-                        progress=progress)
-    session = open_session(config)
-    config = dataclasses.replace(config, max_steps=config.steps_for(len(chat.train_rows),
-                                                                    session.world_size))
-    torch.manual_seed(config.seed)
-    teacher = None
-    if teacher_src is not None:
-        teacher = load_teacher(teacher_src, session)
-    model = load_model(source)
-    if missing and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    stream = ChatRowStream(chat.train_rows, batch_size=config.batch_size, pad_id=pad_id,
-                           seed=config.seed, rank=session.rank, world_size=session.world_size,
-                           fingerprint=chat.fingerprint, grad_accum=config.grad_accum)
-    run_id = {"config": config.fingerprint(), "data": chat.fingerprint,
-              "model": model_fingerprint(source),
-              "teacher": model_fingerprint(teacher_src) if teacher_src else None}
-    result = train(session=session, model=model, loss_fn=make_loss_fn(config, teacher,
-                                                                      len(tokenizer)),
-                   stream=stream, valid_blocks=None, config=config, run_dir=run_dir,
-                   run_id=run_id, resume=resume, progress=progress, description="sft",
-                   evaluate_fn=make_evaluate_fn(chat.valid_rows, config.batch_size, pad_id,
-                                                session.device))
-
-    def write_extra(tmp: Path) -> dict[str, Any]:
-        copy_tokenizer_files(source, tmp)
-        if missing:
-            tokenizer.save_pretrained(tmp)
-        if default_template:
-            save_chat_template(tmp, tokenizer)
-        chat.summary["chat_template"] = "chatml (minima default)" if default_template else \
-            "the tokenizer's"
-        if missing:
-            chat.summary["added_tokens"] = missing
-        return write_manifest(
-            tmp, "sft",
-            inputs={"model": {"path": str(source), "fingerprint": run_id["model"]},
-                    "teacher": ({"path": str(teacher_src), "fingerprint": run_id["teacher"]}
-                                if teacher_src else None),
-                    "data": chat.summary},
-            config=asdict(config),
-            metrics={**result.metrics, "steps": result.steps,
-                     "tokens": stream.tokens_served,  # real tokens, padding excluded
-                     "world_size": session.world_size, "precision": session.precision,
-                     "tokens_per_s": (stream.tokens_served - stream.resumed_tokens)
-                     / max(result.seconds, 1e-9)},
-            wall_time_s=result.seconds)
-
-    return save_final_model(session, result.model, output, force, run_dir, write_extra)
-
-
-def save_chat_template(directory: Path, tokenizer: Any) -> None:
-    """Write minima's ChatML as the model's chat template (`chat_template.jinja`, which
-    transformers loads with the tokenizer) and make `<|im_end|>` end generation too."""
-    from transformers import GenerationConfig
-
-    (directory / "chat_template.jinja").write_text(CHATML_TEMPLATE)
-    try:
-        generation = GenerationConfig.from_pretrained(directory)
-    except OSError:
-        generation = GenerationConfig()
-    eos = generation.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    for token_id in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)):
-        if token_id is not None and token_id not in eos:
-            eos.append(token_id)
-    generation.eos_token_id = eos
-    generation.save_pretrained(directory)

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from minima_cli.checkpoint import check_output, fsync_tree
 from minima_cli.errors import MinimaError
+from minima_cli.fsutil import check_output, fsync_tree
 from minima_cli.progress import step_progress
-from minima_cli.train_state import (
+from minima_cli.training.state import (
     SCHEDULES,
     STATE_FILE,
     adamw,
@@ -48,8 +48,11 @@ from minima_cli.train_state import (
 )
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
 # Fields that change no weights: a resumed run may alter them.
 UNHASHED_FIELDS = ("keep_last", "save_every", "eval_every", "tensorboard", "deepspeed")
+
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
 
@@ -135,9 +138,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
 
 
-# --- DeepSpeed configs ---------------------------------------------------------------------------
-
-
 def read_deepspeed_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -209,9 +209,6 @@ def check_zero_section(zero: dict[str, Any]) -> None:
 
 def deepspeed_stage(config: dict[str, Any] | None) -> int:
     return int((config or {}).get("zero_optimization", {}).get("stage", 0))
-
-
-# --- sessions ------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -413,7 +410,7 @@ class AccelerateSession:
 def load_teacher(source: Any, session) -> torch.nn.Module:
     """The frozen teacher: eval mode, no grad, bf16 when the run is, and placed (or ZeRO-3
     partitioned) by the session."""
-    from minima_cli.checkpoint import load_model
+    from minima_cli.model.checkpoint import load_model
 
     teacher = load_model(source).eval().requires_grad_(False)
     if session.precision == "bf16":
@@ -425,9 +422,6 @@ def open_session(config: TrainConfig) -> LocalSession | AccelerateSession:
     if config.deepspeed or world_size_from_env() > 1:
         return AccelerateSession(config)
     return LocalSession(config)
-
-
-# --- the loop ------------------------------------------------------------------------------------
 
 
 class RunLog:
@@ -607,7 +601,8 @@ def save_final_model(session, model: torch.nn.Module, output: Path, force: bool,
     `log.jsonl` and TensorBoard events; `write_extra(tmp)` adds tokenizer files and the manifest
     and its result is returned on the main rank (None elsewhere). Then `run_dir` (checkpoints)
     is removed and the session closed."""
-    from minima_cli.checkpoint import atomic_output_dir, quiet_transformers
+    from minima_cli.fsutil import atomic_output_dir
+    from minima_cli.model.checkpoint import quiet_transformers
 
     state_dict = session.full_state_dict(model)  # collective: before the main-rank branch
     result = None

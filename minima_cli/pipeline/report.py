@@ -18,14 +18,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from minima_cli.checkpoint import MANIFEST, read_manifest
 from minima_cli.errors import MinimaError
-from minima_cli.recipe import MODEL_NAMES, MODEL_STAGES, STAGES
+from minima_cli.fsutil import MANIFEST, read_manifest
+from minima_cli.pipeline.recipe import MODEL_NAMES, MODEL_STAGES, STAGES
 
 REPORT_DIR = "report"
-
-
-# --- reading a workdir ----------------------------------------------------------------------------
 
 
 def collect(workdir: str | Path) -> dict[str, Any]:
@@ -45,7 +42,7 @@ def collect(workdir: str | Path) -> dict[str, Any]:
 
 def task_metric(task: dict[str, Any], metrics: dict[str, Any]) -> str | None:
     """The headline metric of a task: ppl, acc, the generation match, else the first number."""
-    from minima_cli.evaluate import flat_metrics
+    from minima_cli.stages.evaluate import flat_metrics
 
     preferred = {"ppl": "ppl", "mc": "acc"}.get(task["kind"])
     flat = flat_metrics(metrics)
@@ -71,7 +68,7 @@ def eval_columns(results: dict[str, Any] | None) -> list[tuple[str, str, str]]:
 
 def model_parameters(stage: str, manifests: dict[str, Any]) -> int | None:
     """A model's parameter count from the manifests, for when there is no eval stage."""
-    from minima_cli.arch import ModelShape, count_parameters
+    from minima_cli.model.arch import ModelShape, count_parameters
 
     if stage == "teacher":
         if "prune" in manifests:
@@ -120,7 +117,7 @@ def summary_rows(collected: dict[str, Any], runs: dict[str, Any] | None = None
         for task, metric, _ in columns:
             value = None
             if entry and task in entry["tasks"]:
-                from minima_cli.evaluate import flat_metrics
+                from minima_cli.stages.evaluate import flat_metrics
 
                 value = flat_metrics(entry["tasks"][task]).get(metric)
             cells.append(format_metric(metric, value))
@@ -162,9 +159,6 @@ def perplexity_points(collected: dict[str, Any]) -> tuple[str, list[tuple[str, i
     task = ppl_tasks[0]
     return task, [(m["name"], m["parameters"], m["tasks"][task]["ppl"])
                   for m in results["models"] if task in m["tasks"]]
-
-
-# --- plots ----------------------------------------------------------------------------------------
 
 
 def pyplot() -> Any:
@@ -248,7 +242,7 @@ def plot_params_ppl(points: list[tuple[str, int, float]], path: Path, task: str 
         ax.annotate(name, (params, ppl), textcoords="offset points", xytext=(6, 4))
     from matplotlib.ticker import FuncFormatter
 
-    from minima_cli.arch import format_count
+    from minima_cli.units import format_count
 
     sizes = [p for _, p, _ in points]
     if max(sizes) > 10 * min(sizes):
@@ -262,9 +256,6 @@ def plot_params_ppl(points: list[tuple[str, int, float]], path: Path, task: str 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
-
-
-# --- the report -----------------------------------------------------------------------------------
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -300,7 +291,7 @@ def render_markdown(collected: dict[str, Any], plots: dict[str, str]) -> str:
 
 def write_report(workdir: str | Path) -> Path:
     """Write WORKDIR/report/ (report.md and the PNGs) atomically; returns report.md's path."""
-    from minima_cli.checkpoint import atomic_output_dir
+    from minima_cli.fsutil import atomic_output_dir
 
     workdir = Path(workdir)
     if not workdir.is_dir():

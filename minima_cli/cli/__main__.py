@@ -1,0 +1,5 @@
+import sys
+
+from minima_cli.cli.app import main
+
+sys.exit(main())

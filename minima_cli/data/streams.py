@@ -1,0 +1,282 @@
+"""Data layer shared by the stages: read documents, tokenize them, pack them into blocks.
+
+A *document* is one string. Sources are local `.txt` (one document per non-empty line),
+`.jsonl` / `.json` (records with a text field), `.parquet` (a text column), a directory of
+such files, or, when the source is not a local path, a `datasets` hub name.
+
+Training data (distill, sft) goes source -> cached flat token stream (`tokenize_source`) ->
+document split into train / validation -> `seq_len` blocks with EOS separators
+(`prepare_data`) -> `MixedBlockStream`, which samples blocks from the sources by weight and whose
+position is a small JSON-able state, so a resumed run continues with exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minima_cli.data.pack import (
+    _MIX,
+    _SHUFFLE,
+    blocks_from_stream,
+    pack_tokens,
+    separated_stream,
+    split_documents,
+)
+from minima_cli.data.sources import (
+    STATE_VERSION,
+    DataSource,
+    data_fingerprint,
+    parse_sources,
+    source_fingerprint,
+    tokenizer_fingerprint,
+)
+from minima_cli.data.tokenize import tokenize_source
+from minima_cli.errors import MinimaError
+
+# Tags that give each use of the seed its own independent random stream.
+
+
+
+
+@dataclass
+class PreparedData:
+    """A run's data: per-source training blocks (int32 `[n_i, seq_len]`), the validation blocks
+    (int64 `[n_valid, seq_len]`, no rows without a split) and the data fingerprint."""
+
+    sources: list[DataSource]
+    train: list[torch.Tensor]
+    valid: torch.Tensor
+    seq_len: int
+    seed: int
+    fingerprint: str
+
+    def stream(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> MixedBlockStream:
+        return MixedBlockStream(
+            self.train, [s.weight for s in self.sources], batch_size=batch_size, seed=self.seed,
+            rank=rank, world_size=world_size, fingerprint=self.fingerprint,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts for the run log."""
+        return {
+            "sources": [
+                {**asdict(s), "train_blocks": len(b)}
+                for s, b in zip(self.sources, self.train, strict=True)
+            ],
+            "valid_blocks": len(self.valid),
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+        }
+
+
+def prepare_data(
+    sources: str | list[Any],
+    tokenizer: Any,
+    *,
+    seq_len: int,
+    seed: int = 0,
+    valid_fraction: float = 0.0,
+    valid_documents: int = 0,
+    cache_dir: str | Path | None = None,
+    text_field: str = "text",
+) -> PreparedData:
+    """Parse, tokenize (cached), split and pack the sources of a run.
+
+    Each source holds out its own `valid_fraction` / `valid_documents` documents; the held-out
+    documents of all sources form one validation stream, packed like the training blocks.
+    """
+    sources = parse_sources(sources, text_field)
+    _check_seed(seed)
+    if seq_len < 1:
+        raise MinimaError(f"seq_len must be at least 1, got {seq_len}")
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise MinimaError("the tokenizer has no EOS token, which separates packed documents")
+    tokenizer_fp = tokenizer_fingerprint(tokenizer)
+    contents = [source_fingerprint(s) for s in sources]
+    train, valid_parts = [], []
+    for i, (source, content) in enumerate(zip(sources, contents, strict=True)):
+        flat = tokenize_source(
+            source, tokenizer, cache_dir, content=content, tokenizer_fp=tokenizer_fp
+        )
+        try:
+            train_docs, valid_docs = split_documents(
+                flat.n_documents, seed=seed, source_index=i,
+                valid_fraction=valid_fraction, valid_documents=valid_documents,
+            )
+            train.append(pack_tokens(flat, train_docs, seq_len, eos_id))
+        except MinimaError as e:
+            raise MinimaError(f"data source {source.path_or_name}: {e}") from None
+        if len(valid_docs):
+            valid_parts.append(separated_stream(flat, valid_docs, eos_id))
+    valid = torch.zeros(0, seq_len, dtype=torch.long)
+    if valid_parts:
+        stream = np.concatenate(valid_parts)
+        if len(stream) < seq_len:
+            raise MinimaError(
+                f"the validation split has {len(stream)} tokens but one block of seq_len={seq_len} "
+                "needs more: raise valid_fraction or valid_documents"
+            )
+        valid = blocks_from_stream(stream, seq_len).long()
+    fingerprint = data_fingerprint(
+        sources, contents, tokenizer_fp=tokenizer_fp, seq_len=seq_len, seed=seed,
+        valid_fraction=valid_fraction, valid_documents=valid_documents,
+    )
+    return PreparedData(sources, train, valid, seq_len, seed, fingerprint)
+
+
+def shuffle_order(n_blocks: int, seed: int, source_index: int, epoch: int) -> np.ndarray:
+    """The order in which a source serves its blocks in one epoch: a pure function of its
+    arguments, so a resumed stream rebuilds it from (seed, source, epoch) alone."""
+    return np.random.default_rng([seed, _SHUFFLE, source_index, epoch]).permutation(n_blocks)
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MinimaError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+class MixedBlockStream:
+    """An endless stream of int64 `[batch_size, seq_len]` batches drawn from several sources.
+
+    Every block of the global sequence comes from source `i` with probability
+    `weight_i / sum(weights)` (one PCG64 draw per block, so the block sequence does not depend on
+    the batch size). Each source serves its blocks in a seeded random order, redrawn each time it
+    is exhausted (a new epoch of that source). With `world_size` > 1 each global batch of
+    `batch_size * world_size` blocks is cut into per-rank slices: every rank advances the same
+    state and keeps its own slice, so the state is identical on all ranks.
+
+    The position is `state_dict()`: small, JSON-able, and `load_state_dict()` on a fresh stream
+    over the same data continues with exactly the batches the saved one would have served.
+    """
+
+    def __init__(
+        self,
+        blocks: list[torch.Tensor],
+        weights: list[float] | None = None,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        fingerprint: str | None = None,
+    ):
+        if not blocks:
+            raise MinimaError("no training data: the stream needs at least one source")
+        weights = [1.0] * len(blocks) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(blocks):
+            raise MinimaError(f"{len(weights)} weights for {len(blocks)} sources")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise MinimaError(f"source weights must be positive, got {weights}")
+        if any(b.ndim != 2 or len(b) == 0 or b.shape[1] != blocks[0].shape[1] for b in blocks):
+            raise MinimaError("every source needs at least one block, all of the same seq_len")
+        if batch_size < 1:
+            raise MinimaError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise MinimaError(f"rank {rank} is not in a world of size {world_size}")
+        _check_seed(seed)
+        self.blocks, self.weights, self.seed = blocks, weights, seed
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        cumulative = np.cumsum(weights)
+        self._cumulative = cumulative / cumulative[-1]
+        self._fingerprint = fingerprint or _blocks_fingerprint(blocks, weights, seed)
+        self.epochs = [0] * len(blocks)
+        self.indices = [0] * len(blocks)
+        self._orders = [shuffle_order(len(b), seed, i, 0) for i, b in enumerate(blocks)]
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _MIX])))
+        self.blocks_served = 0
+        self.batches_served = 0
+        self.last_picks: list[tuple[int, int]] = []
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def __iter__(self) -> MixedBlockStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        n = self.batch_size * self.world_size
+        draws = np.searchsorted(self._cumulative, self._rng.random(n), side="right")
+        picks = [self._take(min(int(i), len(self.blocks) - 1)) for i in draws]
+        mine = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        self.last_picks = mine  # (source, row) of each block: keys into an offline teacher cache
+        self.blocks_served += n
+        self.batches_served += 1
+        return torch.stack([self.blocks[source][row] for source, row in mine]).long()
+
+    def _take(self, source: int) -> tuple[int, int]:
+        """The next block of `source`, starting its next epoch (a new order) when exhausted."""
+        if self.indices[source] == len(self._orders[source]):
+            self.epochs[source] += 1
+            self.indices[source] = 0
+            self._orders[source] = shuffle_order(
+                len(self.blocks[source]), self.seed, source, self.epochs[source]
+            )
+        row = int(self._orders[source][self.indices[source]])
+        self.indices[source] += 1
+        return source, row
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position, JSON-able (the PCG64 state is two Python ints of 128 bits)."""
+        rng = self._rng.bit_generator.state
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self._fingerprint,
+            "seed": self.seed,
+            "epochs": list(self.epochs),
+            "indices": list(self.indices),
+            "rng": {**rng["state"], "has_uint32": rng["has_uint32"], "uinteger": rng["uinteger"]},
+            "blocks_served": self.blocks_served,
+            "batches_served": self.batches_served,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; refuses one saved over different data."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise MinimaError("unsupported data position (saved by another minima version?)")
+        if state.get("fingerprint") != self._fingerprint or state.get("seed") != self.seed:
+            raise MinimaError("the saved data position belongs to a different run (data mismatch)")
+        try:
+            epochs = [int(e) for e in state["epochs"]]
+            indices = [int(i) for i in state["indices"]]
+            rng = state["rng"]
+            rng_state = {
+                "bit_generator": "PCG64",
+                "state": {"state": int(rng["state"]), "inc": int(rng["inc"])},
+                "has_uint32": int(rng["has_uint32"]),
+                "uinteger": int(rng["uinteger"]),
+            }
+            blocks_served = int(state["blocks_served"])
+            batches_served = int(state["batches_served"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise MinimaError(f"malformed data position: {type(e).__name__} {e}") from None
+        sizes = [len(b) for b in self.blocks]
+        if len(epochs) != len(sizes) or len(indices) != len(sizes) or any(
+            e < 0 or not 0 <= i <= n for e, i, n in zip(epochs, indices, sizes, strict=True)
+        ):
+            raise MinimaError("the saved data position does not fit this data (data mismatch)")
+        self._rng.bit_generator.state = rng_state
+        self.epochs, self.indices = epochs, indices
+        self._orders = [
+            shuffle_order(n, self.seed, i, e)
+            for i, (n, e) in enumerate(zip(sizes, epochs, strict=True))
+        ]
+        self.blocks_served, self.batches_served = blocks_served, batches_served
+
+
+def _blocks_fingerprint(blocks: list[torch.Tensor], weights: list[float], seed: int) -> str:
+    """A fingerprint from the blocks themselves, for streams built without `prepare_data`."""
+    digest = hashlib.sha256(json.dumps({"weights": weights, "seed": seed}).encode())
+    for b in blocks:
+        digest.update(f"{b.dtype}{tuple(b.shape)}".encode())
+        digest.update(b.contiguous().numpy().tobytes())
+    return digest.hexdigest()

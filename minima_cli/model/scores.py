@@ -1,0 +1,61 @@
+"""`minima score`: expressive scores of heads, kv groups, FFN neurons, hidden dims and layers.
+
+grad (default, MiniMA): S(m) = (1/N) sum_batches |dL/dm| at m = 1 (first-order Taylor importance
+of removing the unit), with only the masks requiring grad, so a batch costs one forward and an
+activation-only backward.
+activation (Minitron): mean activation magnitude at each unit (head context L2 norm, |neuron|,
+|residual RMSNorm output| per dim) and, for layers, Block Influence 1 - cos(h_in, h_out).
+
+Raw scores and per-layer L2-normalised scores (hidden and layers by their own L2 norm) are saved;
+normalised scores are what compete across layers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minima_cli.errors import MinimaError
+from minima_cli.fsutil import (
+    read_manifest,
+)
+from minima_cli.model.arch import ModelShape
+from minima_cli.model.masks import Masks
+
+SCORES_FILE = "scores.safetensors"
+
+
+def normalize_scores(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-layer L2 normalisation of [layers, units] scores; 1-D scores by their own L2 norm."""
+    return {
+        axis: scores / scores.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        for axis, scores in raw.items()
+    }
+
+
+def random_scores(shape: ModelShape, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Uniform random scores of every mask's shape: the floor a real method must beat, and a
+    stand-in for planning in tests and benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+    return {axis: torch.rand(mask.shape, generator=generator)
+            for axis, mask in Masks.ones(shape).as_dict().items()}
+
+
+def save_scores(directory: Path, raw: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tensors = {**normalize_scores(raw), **{f"{axis}_raw": t for axis, t in raw.items()}}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / SCORES_FILE, metadata)
+
+
+def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a score directory (or its scores.safetensors): (tensors, manifest)."""
+    path = Path(path)
+    directory = path.parent if path.is_file() else path
+    if not (directory / SCORES_FILE).is_file():
+        raise MinimaError(f"scores not found: {directory / SCORES_FILE}")
+    manifest = read_manifest(directory)
+    if manifest.get("stage") != "score":
+        raise MinimaError(f"{directory}: not a score output (stage {manifest.get('stage')!r})")
+    return load_file(directory / SCORES_FILE), manifest

@@ -1,0 +1,309 @@
+"""`minima run RECIPE`: every stage of a recipe into `workdir/<stage>/`, redoing only what is stale.
+
+A stage is up to date when its `minima.json` carries the hash this run would give it: the hash of
+the stage's options (with `${STAGE}` references, not absolute paths, so a workdir can move) and of
+its inputs' contents (model fingerprints, data and file hashes). A finished stage is stamped with
+that hash (`"recipe"` in its manifest); anything else is stale and runs again, replacing its output
+atomically. A training stage killed mid-way resumes from `workdir/<stage>.run/` when the hash it
+started under (`recipe-hash` there) is the current one; otherwise its leftovers are discarded.
+
+`--dry-run` prints the plan instead: each stage's status, the teacher and student shapes with
+their parameter counts, per-GPU memory estimates for ZeRO-2 and ZeRO-3 and the token budget.
+
+Memory per GPU (N GPUs, student P and teacher T parameters; bf16: 2-byte weights and grads and
+12 bytes of fp32 master weights + Adam moments; fp32: 4 + 4 + 8):
+- ZeRO-2: weights replicated, grads and optimizer states partitioned: `2P + (2 + 12)P / N`;
+  the teacher's bf16 weights replicated: `2T`.
+- ZeRO-3: everything partitioned: `16P / N`, teacher `2T / N`.
+- Activations of one micro-batch of b x s tokens (2 bytes a value), per layer and token
+  `4h + 3q + 3kv + 4f` values (norm inputs/outputs, q/k/v before and after RoPE, the attention
+  context, gate/up/act/product; q = heads x head_dim, kv = kv_heads x head_dim): all layers
+  without gradient checkpointing; with it, each layer's input (h) plus one layer recomputed.
+  Plus the logits: student logits, their gradient and the teacher's, `3 b s V`.
+Not counted: the CUDA context and allocator fragmentation (~1-3 GB), communication buckets, the
+teacher's transient activations (no grad, freed layer by layer).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.rule import Rule
+from rich.table import Table
+
+from minima_cli.errors import MinimaError
+from minima_cli.fsutil import MANIFEST
+from minima_cli.pipeline.recipe import (
+    DISTRIBUTED,
+    INPUTS,
+    STAGES,
+    TRAINING,
+    Recipe,
+    references,
+    training_config,
+)
+from minima_cli.pipeline.stamps import current_hash, read_stamp, write_stamp
+from minima_cli.runtime import rank_and_world
+
+HASH_FILE = "recipe-hash"
+
+
+@dataclass
+class StageRun:
+    stage: str
+    status: str  # ran, resumed, up to date, not selected
+    seconds: float | None = None
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return None if name == "auto" else getattr(torch, name)
+
+
+def run_tiny(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
+             progress: bool) -> None:
+    from minima_cli.fsutil import atomic_output_dir, write_manifest
+    from minima_cli.stages.tiny import build_tiny_world
+
+    config = {k: options[k] for k in ("seed", "gqa", "tied", "steps", "documents")}
+    with atomic_output_dir(output, force=True) as tmp:
+        summary = build_tiny_world(tmp, seed=config["seed"], gqa=config["gqa"],
+                                   tied=config["tied"], n_documents=config["documents"],
+                                   steps=config["steps"], progress=progress)
+        summary = {k: (v.replace(str(tmp), str(output)) if isinstance(v, str) else v)
+                   for k, v in summary.items()}
+        write_manifest(tmp, "tiny", config=config, metrics=summary,
+                       wall_time_s=summary["seconds"])
+
+
+def run_score_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
+                    progress: bool) -> None:
+    from minima_cli.stages.score import run_score
+
+    run_score(model_path=options["model"], data=options["data"], output=output,
+              batches=options["batches"], seq_len=options["seq_len"],
+              batch_size=options["batch_size"], method=options["method"],
+              text_field=options["text_field"], seed=options["seed"],
+              dtype=torch_dtype(options["dtype"]), device=recipe.hardware["device"], force=True,
+              progress=progress)
+
+
+def run_prune_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
+                    progress: bool) -> None:
+    from minima_cli.stages.prune import run_prune
+
+    shape = options["shape"]
+    run_prune(model_path=options["model"], output=output, scores_path=options["scores"],
+              shape=",".join(f"{k}={v}" for k, v in shape.items()) if shape else None,
+              params=options["params"], ratio=options["ratio"], priority=options["priority"],
+              layer_selection=options["layer_selection"], multiple_of=options["multiple_of"],
+              force=True, progress=progress)
+
+
+def run_distill_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
+                      progress: bool) -> None:
+    from minima_cli.stages.distill import run_distill
+
+    run_distill(teacher_path=options["teacher"], student_path=options["student"],
+                data=options["data"], output=output,
+                config=training_config("distill", options, recipe.hardware), resume=resume,
+                force=True, progress=progress, text_field=options["text_field"],
+                teacher_cache=options["teacher_cache"])
+
+
+def run_sft_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
+                  progress: bool) -> None:
+    from minima_cli.stages.sft import run_sft
+
+    run_sft(model_path=options["model"], data=options["data"], output=output,
+            config=training_config("sft", options, recipe.hardware),
+            teacher_path=options["teacher"], valid_data=options["valid_data"], resume=resume,
+            force=True, progress=progress)
+
+
+def run_eval_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
+                   progress: bool) -> None:
+    from minima_cli.stages.evaluate import EvalConfig, run_eval
+
+    config = EvalConfig(backend=options["backend"], max_length=options["max_length"],
+                        stride=options["stride"], batch_size=options["batch_size"],
+                        limit=options["limit"], seed=options["seed"])
+    run_eval(models=options["models"], tasks=options["tasks"], config=config, output=output,
+             force=True, dtype=torch_dtype(options["dtype"]), device=recipe.hardware["device"],
+             progress=progress)
+
+
+RUNNERS: dict[str, Callable[..., None]] = {
+    "tiny": run_tiny, "score": run_score_stage, "prune": run_prune_stage,
+    "distill": run_distill_stage, "sft": run_sft_stage, "eval": run_eval_stage,
+}
+
+
+def select_stages(recipe: Recipe, start: str | None, stop: str | None) -> list[str]:
+    """The recipe's stages from `start` to `stop` (inclusive), in run order."""
+    enabled = list(recipe.stages)
+    for flag, name in (("--from", start), ("--until", stop)):
+        if name is not None and name not in enabled:
+            known = ", ".join(enabled)
+            raise MinimaError(f"{flag} {name}: not a stage of this recipe ({known})"
+                              if name in STAGES else f"{flag} {name}: no such stage ({known})")
+    first = enabled.index(start) if start else 0
+    last = enabled.index(stop) if stop else len(enabled) - 1
+    if first > last:
+        raise MinimaError(f"--from {start} comes after --until {stop}")
+    return enabled[first:last + 1]
+
+
+def preflight(recipe: Recipe, selected: list[str]) -> None:
+    """Before any work: what the selected stages read from outside the pipeline must be on disk
+    (models locally: minima loads no model from the hub), and the outputs of stages before
+    --from must exist."""
+    from minima_cli.data.sources import parse_sources
+    from minima_cli.model.checkpoint import resolve_model
+    from minima_cli.pipeline.recipe import looks_like_hub_name, stage_schema
+
+    for stage in selected:
+        options, schema = recipe.stages[stage], stage_schema(stage)
+        for key in INPUTS[stage]:
+            value = options.get(key)
+            if value is None:
+                continue
+            kind = schema[key].kind
+            items = [m.partition("=")[2] for m in value] if kind == "models" else \
+                [s.path_or_name for s in parse_sources(value)] if kind == "data" else \
+                [] if kind == "tasks" else [value]
+            for item in items:
+                made_by = [r for r in references(item) if r in STAGES]
+                for name in made_by:
+                    if name not in selected and not (recipe.stage_dir(name) / MANIFEST).is_file():
+                        raise MinimaError(f"{stage}.{key}: {recipe.stage_dir(name)} does not "
+                                          f"exist yet: run the {name} stage first (it is "
+                                          "before --from)")
+                if made_by:
+                    continue
+                path = recipe.resolve(item)
+                if kind in ("model", "models"):
+                    try:
+                        resolve_model(path)
+                    except MinimaError as error:
+                        hint = " (a hub name? download the model and --set teacher=DIR; dry " \
+                            "runs read teacher_config)" if not Path(path).exists() else ""
+                        raise MinimaError(f"{recipe.path}: {stage}.{key}: {error}{hint}") \
+                            from None
+                elif not Path(path).expanduser().exists() and not (
+                        kind == "data" and looks_like_hub_name(path)):
+                    raise MinimaError(f"{recipe.path}: {stage}.{key}: not found: {path}")
+
+
+def training_run_dir(recipe: Recipe, stage: str) -> Path:
+    return recipe.workdir / f"{stage}.run"
+
+
+def resume_decision(recipe: Recipe, stage: str, digest: str, is_main: bool) -> bool:
+    """Resume a training stage killed under the same hash; otherwise start clean. Every rank
+    decides from the same files before the main rank writes anything."""
+    from minima_cli.training.state import list_checkpoints
+
+    if stage not in TRAINING:
+        return False
+    run_dir = training_run_dir(recipe, stage)
+    marker = run_dir / HASH_FILE
+    started = marker.read_text().strip() if marker.is_file() else None
+    has_checkpoints = bool(list_checkpoints(run_dir / "checkpoints"))
+    if has_checkpoints and started == digest:
+        return True
+    if has_checkpoints:
+        _, world = rank_and_world()
+        if world > 1:
+            raise MinimaError(f"{run_dir} holds checkpoints of another configuration: delete "
+                              "it before launching")
+        if is_main:
+            shutil.rmtree(run_dir)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(digest + "\n")
+    return False
+
+
+def run_recipe(recipe: Recipe, *, start: str | None = None, stop: str | None = None,
+               force: bool = False, progress: bool = True,
+               console: Console | None = None) -> list[StageRun]:
+    """Run the selected stages; returns what happened to each stage of the recipe."""
+    console = console or Console()
+    selected = select_stages(recipe, start, stop)
+    rank, world = rank_and_world()
+    is_main = rank == 0
+    preflight(recipe, selected)
+    if recipe.hardware["threads"]:
+        import torch
+
+        torch.set_num_threads(recipe.hardware["threads"])
+    if is_main:
+        save_recipe_copy(recipe)
+    runs = {stage: StageRun(stage, "not selected") for stage in recipe.stages}
+    for stage in selected:
+        output = recipe.stage_dir(stage)
+        digest = current_hash(recipe, stage)
+        stamp = read_stamp(output)
+        if stamp and stamp.get("hash") == digest and not force:
+            runs[stage] = StageRun(stage, "up to date", stamp.get("seconds"))
+            if is_main:
+                console.print(f"[dim]{stage}: up to date ({output})[/dim]")
+            continue
+        if world > 1 and stage not in DISTRIBUTED:
+            raise MinimaError(f"{stage} runs in one process: run `minima run {recipe.path} "
+                              f"--until {stage}` before launching {world} processes")
+        if is_main and stage in TRAINING and world != recipe.world_size:
+            console.print(f"[yellow]warning: the recipe declares {recipe.world_size} GPU(s) "
+                          f"(hardware.nodes x gpus_per_node), this launch has {world} "
+                          "process(es): each step sees a different batch[/yellow]")
+        resume = resume_decision(recipe, stage, digest, is_main)
+        reason = "resuming a killed run" if resume else (
+            "forced" if force and stamp else "stale" if stamp else "no output yet")
+        if is_main:
+            console.print(Rule(f"{stage} ({reason}) -> {output}"))
+        started = time.perf_counter()
+        options = recipe.resolve(recipe.stages[stage])
+        RUNNERS[stage](recipe, options, output, resume, progress)
+        seconds = time.perf_counter() - started
+        if is_main:
+            write_stamp(output, {"hash": digest, "recipe": str(recipe.path),
+                                 "seconds": round(seconds, 2), "resumed": resume,
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        runs[stage] = StageRun(stage, "resumed" if resume else "ran", seconds)
+    return list(runs.values())
+
+
+def save_recipe_copy(recipe: Recipe) -> None:
+    """The recipe as run (overrides applied) in workdir/recipe.yaml, for the record."""
+    import yaml
+
+    recipe.workdir.mkdir(parents=True, exist_ok=True)
+    target = recipe.workdir / "recipe.yaml"
+    tmp = target.with_name(f".recipe.yaml.tmp-{os.getpid()}")
+    tmp.write_text(f"# {recipe.path} as run by minima\n" +
+                   yaml.safe_dump(recipe.raw, sort_keys=False))
+    os.replace(tmp, target)
+
+
+def summary_table(recipe: Recipe, runs: list[StageRun]) -> Table:
+    """The closing table of `minima run`: per stage its status and time, per model its size and
+    the eval metrics (report.py reads the same numbers from the workdir)."""
+    from minima_cli.pipeline.report import collect, summary_rows
+
+    header, rows = summary_rows(collect(recipe.workdir),
+                                {r.stage: r for r in runs})
+    table = Table(title=f"minima run {recipe.path} -> {recipe.workdir}")
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index < 4 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
