@@ -47,7 +47,8 @@ from minima_cli.model.arch import ModelShape, count_parameters
 from minima_cli.model.checkpoint import load_tokenizer, quiet_transformers, resolve_model
 from minima_cli.model.scores import normalize_scores
 from minima_cli.model.selection import plan_prune
-from minima_cli.stages.distill import DistillConfig, run_distill
+from minima_cli.stages.configs import DistillConfig
+from minima_cli.stages.distill import run_distill
 from minima_cli.stages.schedule import materialise, model_dev_loss, stage_config
 from minima_cli.stages.score import gradient_scores
 from minima_cli.stages.tiny import build_tiny_world, pretrain, tiny_llama_config

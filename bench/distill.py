@@ -66,7 +66,8 @@ from minima_cli.model.checkpoint import (
     quiet_transformers,
     resolve_model,
 )  # noqa: E402,E501
-from minima_cli.stages.distill import DistillConfig, run_distill  # noqa: E402
+from minima_cli.stages.configs import DistillConfig  # noqa: E402
+from minima_cli.stages.distill import run_distill
 from minima_cli.stages.tiny import train_tokenizer  # noqa: E402
 from minima_cli.training.state import adamw, clip_gradients  # noqa: E402
 

@@ -45,7 +45,8 @@ from minima_cli.model.checkpoint import (
     quiet_transformers,
     resolve_model,
 )  # noqa: E402,E501
-from minima_cli.stages.distill import DistillConfig, run_distill  # noqa: E402
+from minima_cli.stages.configs import DistillConfig  # noqa: E402
+from minima_cli.stages.distill import run_distill
 from minima_cli.stages.prune import run_prune  # noqa: E402
 from minima_cli.stages.score import run_score  # noqa: E402
 from minima_cli.stages.tiny import build_tiny_world, pretrain, tiny_llama_config  # noqa: E402

@@ -39,7 +39,8 @@ from minima_cli.data.pack import pack_documents  # noqa: E402
 from minima_cli.data.read import read_documents
 from minima_cli.data.tokenize import tokenize_documents
 from minima_cli.model.checkpoint import load_model, load_tokenizer, resolve_model  # noqa: E402
-from minima_cli.stages.distill import DistillConfig, run_distill  # noqa: E402
+from minima_cli.stages.configs import DistillConfig  # noqa: E402
+from minima_cli.stages.distill import run_distill
 from minima_cli.stages.prune import run_prune  # noqa: E402
 from minima_cli.stages.score import run_score  # noqa: E402
 from minima_cli.training.state import evaluate_loss  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 from minima_cli.model.arch import shape_from_config
 from minima_cli.model.checkpoint import load_config, load_tokenizer, resolve_model
 from minima_cli.model.scores import load_scores
-from minima_cli.stages.distill import DistillConfig
+from minima_cli.stages.configs import DistillConfig
 from minima_cli.stages.schedule import (
     build_candidates,
     choose_assistant,

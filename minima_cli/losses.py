@@ -78,8 +78,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KINDS = ("fkl", "rkl", "jsd", "topk")
-TOPK_MODES = ("renorm", "tail")
+from minima_cli.training.config import KD_LOSSES as KINDS
+from minima_cli.training.config import TOPK_MODES
+
 IGNORE_INDEX = -100
 # tokens x vocab per chunk when chunk_tokens is None, by device type (others: "default")
 CHUNK_ELEMENTS = {"cpu": 1 << 19, "default": 1 << 24}

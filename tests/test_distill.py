@@ -130,7 +130,8 @@ def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
 
 def test_resume_refuses_a_checkpoint_of_another_run(tiny_world, pruned, tmp_path, capsys):
     from minima_cli.model.checkpoint import load_model, resolve_model
-    from minima_cli.training.loop import TrainConfig, build_optimizer
+    from minima_cli.training.config import TrainConfig
+    from minima_cli.training.loop import build_optimizer
     from minima_cli.training.state import save_training_checkpoint
 
     model = load_model(resolve_model(str(pruned)))

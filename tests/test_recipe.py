@@ -192,7 +192,7 @@ def test_activation_bytes_match_hand_numbers():
 
 
 def test_token_budget():
-    from minima_cli.stages.distill import DistillConfig
+    from minima_cli.stages.configs import DistillConfig
 
     config = DistillConfig(seq_len=4096, batch_size=8, grad_accum=8, max_tokens=126 * 10**9)
     assert token_budget(config, 16) == {"steps": 30041, "tokens_per_step": 4194304,

@@ -21,7 +21,7 @@ from minima_cli.model.masks import masked
 from minima_cli.model.scores import random_scores
 from minima_cli.model.selection import plan_masks, plan_prune
 from minima_cli.model.shapes import resolve_target
-from minima_cli.stages.distill import DistillConfig
+from minima_cli.stages.configs import DistillConfig
 from minima_cli.stages.schedule import (
     build_candidates,
     candidate_shapes,

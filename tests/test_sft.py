@@ -26,8 +26,9 @@ from minima_cli.data.chat import (
 from minima_cli.errors import MinimaError
 from minima_cli.losses import IGNORE_INDEX
 from minima_cli.runtime import torch_threads
+from minima_cli.stages.configs import SftConfig
 from minima_cli.stages.evaluate import CHATML_TEMPLATE as EVAL_CHATML
-from minima_cli.stages.sft import SftConfig, make_evaluate_fn, make_loss_fn
+from minima_cli.stages.sft import make_evaluate_fn, make_loss_fn
 
 
 @pytest.fixture(scope="module")

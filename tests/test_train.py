@@ -10,7 +10,8 @@ import pytest
 
 from minima_cli.errors import MinimaError
 from minima_cli.stages.distill import hidden_map, parse_layer_pairs, uniform_layer_pairs
-from minima_cli.training.loop import TrainConfig, resolve_deepspeed_config, truncate_log
+from minima_cli.training.config import TrainConfig
+from minima_cli.training.loop import resolve_deepspeed_config, truncate_log
 
 SETTINGS = {"batch_size": 4, "grad_accum": 2, "clip": 1.0, "world_size": 2, "bf16": False}
 

@@ -366,7 +366,8 @@ def distill(
     coexist. Runs on one process, or many under torchrun / accelerate launch with DeepSpeed."""
     import dataclasses
 
-    from minima_cli.stages.distill import DistillConfig, run_distill
+    from minima_cli.stages.configs import DistillConfig
+    from minima_cli.stages.distill import run_distill
 
     params = merged_params(ctx, config, "distill")
     for required in ("student", "data", "output"):
@@ -465,7 +466,7 @@ def schedule(
     """MiniDisc's teacher-assistant schedule: nested candidates pruned from the teacher, one
     sandwich run for every candidate's dev metric P, the assistant maximising P + lambda * s,
     then teacher -> assistant -> student (or teacher -> student when the teacher wins)."""
-    from minima_cli.stages.distill import DistillConfig
+    from minima_cli.stages.configs import DistillConfig
     from minima_cli.stages.schedule import describe, parse_sparsities, run_schedule
     from minima_cli.units import format_count
 
@@ -554,7 +555,8 @@ def eval_command(
     quiet: bool = QUIET,
 ) -> None:
     """Evaluate models side by side (the task syntax is in EVAL_HELP)."""
-    from minima_cli.stages.evaluate import EvalConfig, run_eval, table_rows
+    from minima_cli.stages.configs import EvalConfig
+    from minima_cli.stages.evaluate import run_eval, table_rows
 
     config = EvalConfig(backend=backend, max_length=max_length, stride=stride,
                         batch_size=batch_size, limit=limit, seed=seed)
@@ -633,7 +635,8 @@ def sft(
     a teacher. Checkpoints, --resume, logs and DeepSpeed as distill."""
     import dataclasses
 
-    from minima_cli.stages.sft import SftConfig, run_sft
+    from minima_cli.stages.configs import SftConfig
+    from minima_cli.stages.sft import run_sft
 
     params = merged_params(ctx, config, "sft")
     for required in ("model", "data", "output"):

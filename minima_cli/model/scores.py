@@ -19,9 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minima_cli.errors import MinimaError
-from minima_cli.fsutil import (
-    read_manifest,
-)
+from minima_cli.fsutil import read_manifest
 from minima_cli.model.arch import ModelShape
 from minima_cli.model.masks import Masks
 

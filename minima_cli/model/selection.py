@@ -19,10 +19,7 @@ import torch
 
 from minima_cli.errors import MinimaError
 from minima_cli.model.arch import ModelShape
-from minima_cli.model.checkpoint import (
-    ModelSource,
-    model_fingerprint,
-)
+from minima_cli.model.checkpoint import ModelSource, model_fingerprint
 from minima_cli.model.masks import Masks
 
 PRIORITIES = ("local", "global")

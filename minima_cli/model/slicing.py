@@ -25,11 +25,7 @@ import torch
 
 from minima_cli.errors import MinimaError
 from minima_cli.model.arch import ModelShape
-from minima_cli.model.checkpoint import (
-    ModelSource,
-    copy_tokenizer_files,
-    load_model,
-)
+from minima_cli.model.checkpoint import ModelSource, copy_tokenizer_files, load_model
 from minima_cli.model.selection import PrunePlan
 from minima_cli.model.tensors import (
     SafetensorsStreamWriter,

@@ -411,13 +411,13 @@ def config_fields(config_class: type) -> dict[str, Field]:
 
 def stage_schema(stage: str) -> dict[str, Field]:
     if stage == "distill":
-        from minima_cli.stages.distill import DistillConfig
+        from minima_cli.stages.configs import DistillConfig
 
         return {"teacher": Field("model"), "student": Field("model"), "data": Field("data"),
                 "teacher_cache": Field("dir"), "text_field": Field("str"),
                 **config_fields(DistillConfig)}
     if stage == "sft":
-        from minima_cli.stages.sft import SftConfig
+        from minima_cli.stages.configs import SftConfig
 
         return {"model": Field("model"), "data": Field("chat"), "valid_data": Field("chat"),
                 "teacher": Field("model"), **config_fields(SftConfig)}
@@ -427,9 +427,9 @@ def stage_schema(stage: str) -> dict[str, Field]:
 def training_config(stage: str, options: dict[str, Any], hardware: dict[str, Any]) -> Any:
     """The DistillConfig / SftConfig of a training stage: its section plus `hardware:`."""
     if stage == "distill":
-        from minima_cli.stages.distill import DistillConfig as config_class
+        from minima_cli.stages.configs import DistillConfig as config_class
     else:
-        from minima_cli.stages.sft import SftConfig as config_class
+        from minima_cli.stages.configs import SftConfig as config_class
     names = {f.name for f in dataclasses.fields(config_class)}
     values = {key: value for key, value in options.items() if key in names}
     values.update({key: hardware[key] for key in HARDWARE_KEYS})

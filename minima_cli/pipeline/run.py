@@ -131,7 +131,8 @@ def run_sft_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume:
 
 def run_eval_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
                    progress: bool) -> None:
-    from minima_cli.stages.evaluate import EvalConfig, run_eval
+    from minima_cli.stages.configs import EvalConfig
+    from minima_cli.stages.evaluate import run_eval
 
     config = EvalConfig(backend=options["backend"], max_length=options["max_length"],
                         stride=options["stride"], batch_size=options["batch_size"],

@@ -76,7 +76,7 @@ def input_fingerprint(kind: str, value: Any) -> Any:
 def hashed_options(stage: str, options: dict[str, Any]) -> dict[str, Any]:
     """What of a stage's options decides its output: not the input paths (their contents count),
     not training's bookkeeping (checkpoint and eval intervals, logs, the DeepSpeed file)."""
-    from minima_cli.training.loop import UNHASHED_FIELDS
+    from minima_cli.training.config import UNHASHED_FIELDS
 
     kept = {k: v for k, v in options.items() if k not in INPUTS[stage] or k in ("tasks",)}
     if stage == "eval":

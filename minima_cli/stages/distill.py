@@ -22,8 +22,6 @@ from minima_cli.data.teacher_cache import TeacherCache, teacher_topk
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import MANIFEST, read_manifest, write_manifest
 from minima_cli.losses import (
-    KINDS,
-    TOPK_MODES,
     TopK,
     distillation_loss,
     hidden_state_mse,
@@ -42,48 +40,14 @@ from minima_cli.model.checkpoint import (
     resolve_model,
 )
 from minima_cli.progress import console
+from minima_cli.stages.configs import DistillConfig
 from minima_cli.training.loop import (
-    TrainConfig,
     load_teacher,
     open_session,
     save_final_model,
     train,
     training_run_dir,
 )
-
-LOSSES = KINDS  # fkl, rkl, jsd, topk
-
-
-@dataclass(frozen=True)
-class DistillConfig(TrainConfig):
-    """Everything that defines a distillation run (its hash guards --resume)."""
-
-    loss: str = "fkl"
-    temperature: float = 1.0
-    alpha: float = 0.5
-    beta: float = 0.5
-    topk: int = 64  # teacher tokens kept per position by --loss topk (online)
-    topk_mode: str = "renorm"
-    hidden_weight: float = 0.0
-    hidden_layers: str = "auto"
-
-    def check(self) -> None:
-        super().check()
-        if self.loss not in LOSSES:
-            raise MinimaError(f"unknown loss {self.loss!r}: choose {', '.join(LOSSES)}")
-        if self.topk_mode not in TOPK_MODES:
-            raise MinimaError(f"unknown top-k mode {self.topk_mode!r}: choose "
-                              f"{', '.join(TOPK_MODES)}")
-        if not self.temperature > 0:
-            raise MinimaError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 <= self.alpha <= 1:
-            raise MinimaError(f"--alpha {self.alpha} must be in [0, 1]")
-        if not 0 <= self.beta <= 1:
-            raise MinimaError(f"--beta {self.beta} must be in [0, 1]")
-        if self.topk < 1:
-            raise MinimaError(f"--topk must be positive, got {self.topk}")
-        if not self.hidden_weight >= 0:
-            raise MinimaError(f"--hidden-weight must be >= 0, got {self.hidden_weight}")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ import torch
 from minima_cli.errors import MinimaError, first_line
 from minima_cli.progress import step_progress
 from minima_cli.runtime import resolve_device
+from minima_cli.stages.configs import EvalConfig
 
 TASK_KINDS = ("ppl", "mc", "gen", "lm-eval")
 
@@ -701,16 +702,6 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, spec: TaskSpec, *, batch
     if "effective" in counts:
         metrics["n"] = counts["effective"]
     return metrics
-
-
-@dataclass
-class EvalConfig:
-    backend: str = "minima"
-    max_length: int | None = None  # default: the model's context, at most DEFAULT_MAX_LENGTH
-    stride: int | None = None  # default: max_length // 2
-    batch_size: int = 8
-    limit: int | None = None
-    seed: int = 0
 
 
 def model_max_length(model: torch.nn.Module, requested: int | None) -> int:

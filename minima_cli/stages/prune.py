@@ -19,11 +19,7 @@ from typing import Any
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import atomic_output_dir, check_output, write_manifest
 from minima_cli.model.arch import count_parameters, shape_from_config
-from minima_cli.model.checkpoint import (
-    load_config,
-    model_fingerprint,
-    resolve_model,
-)
+from minima_cli.model.checkpoint import load_config, model_fingerprint, resolve_model
 from minima_cli.model.scores import load_scores
 from minima_cli.model.selection import check_scores_match, plan_prune
 from minima_cli.model.shapes import parameter_table, parse_shape, resolve_target

@@ -64,7 +64,8 @@ from minima_cli.model.selection import PrunePlan, check_scores_match, plan_masks
 from minima_cli.model.shapes import resolve_target
 from minima_cli.model.slicing import prune_checkpoint
 from minima_cli.progress import step_progress
-from minima_cli.stages.distill import DistillConfig, run_distill
+from minima_cli.stages.configs import DistillConfig
+from minima_cli.stages.distill import run_distill
 from minima_cli.training.state import adamw, evaluate_loss, learning_rate, parameter_groups
 from minima_cli.units import format_count
 

@@ -25,7 +25,6 @@ with no assistant token left is dropped and counted as `dropped`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ from minima_cli.model.checkpoint import (
     model_fingerprint,
     resolve_model,
 )
-from minima_cli.stages.distill import DistillConfig
+from minima_cli.stages.configs import SftConfig
 from minima_cli.training.loop import (
     load_teacher,
     open_session,
@@ -115,36 +114,6 @@ def make_evaluate_fn(rows: list[list[Example]], batch_size: int, pad_id: int, de
         return total / max(count, 1)
 
     return evaluate_fn
-
-
-@dataclass(frozen=True)
-class SftConfig(DistillConfig):
-    """An sft run (its hash guards --resume): distill's optimisation and (teacher) losses with
-    MiniChat's defaults, plus packing and epochs. `max_steps` 0 means `epochs` passes."""
-
-    lr: float = 2e-5
-    warmup_ratio: float = 0.1
-    max_steps: int = 0
-    epochs: float = 3.0
-    packing: bool = False
-
-    def check(self) -> None:
-        DistillConfig.check(dataclasses.replace(self, max_steps=self.max_steps or 1))
-        if self.max_steps < 0:
-            raise MinimaError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.max_steps == 0 and not self.epochs > 0:
-            raise MinimaError(f"--epochs must be positive, got {self.epochs}")
-        if self.max_tokens:
-            raise MinimaError("sft counts --epochs or --max-steps, not --max-tokens")
-        if self.hidden_weight:
-            raise MinimaError("sft has no hidden-state loss")
-
-    def steps_for(self, n_rows: int, world_size: int) -> int:
-        """`max_steps`, or the optimizer steps of `epochs` passes over `n_rows` rows."""
-        if self.max_steps:
-            return self.max_steps
-        per_step = self.batch_size * self.grad_accum * world_size
-        return max(1, math.ceil(self.epochs * n_rows / per_step))
 
 
 @dataclass

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,8 @@ import torch
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import check_output, fsync_tree
 from minima_cli.progress import step_progress
+from minima_cli.training.config import TrainConfig
 from minima_cli.training.state import (
-    SCHEDULES,
     STATE_FILE,
     adamw,
     clip_gradients,
@@ -47,77 +47,7 @@ from minima_cli.training.state import (
     save_training_checkpoint,
 )
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-# Fields that change no weights: a resumed run may alter them.
-UNHASHED_FIELDS = ("keep_last", "save_every", "eval_every", "tensorboard", "deepspeed")
-
-
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation, schedule and checkpointing of a run (MiniMA's defaults where they apply)."""
-
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.01
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    max_steps: int = 100
-    max_tokens: int = 0  # > 0: overrides max_steps (tokens / tokens per step, rounded up)
-    save_every: int = 50
-    keep_last: int = 2
-    eval_every: int = 50
-    valid_fraction: float = 0.05
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    deepspeed: str | None = None
-    tensorboard: bool = True
-
-    def check(self) -> None:
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every",
-                     "eval_every"):
-            if getattr(self, name) <= 0:
-                raise MinimaError(f"--{name.replace('_', '-')} must be positive, "
-                                  f"got {getattr(self, name)}")
-        if self.max_tokens < 0:
-            raise MinimaError(f"--max-tokens must be positive, got {self.max_tokens}")
-        if not self.lr > 0:
-            raise MinimaError(f"--lr must be positive, got {self.lr}")
-        if not self.clip >= 0:
-            raise MinimaError(f"--clip must be >= 0 (0: no clipping), got {self.clip}")
-        if self.schedule not in SCHEDULES:
-            raise MinimaError(f"unknown schedule {self.schedule!r}: choose "
-                              f"{', '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise MinimaError(f"unknown precision {self.precision!r}: choose "
-                              f"{', '.join(PRECISIONS)}")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise MinimaError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
-        if self.keep_last < 1:
-            raise MinimaError(f"--keep-last must be at least 1, got {self.keep_last}")
-
-    def total_steps(self, world_size: int = 1) -> int:
-        if self.max_tokens > 0:
-            return math.ceil(self.max_tokens / self.tokens_per_step(world_size))
-        return self.max_steps
-
-    def tokens_per_step(self, world_size: int = 1) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len * world_size
-
-    def fingerprint(self) -> str:
-        import hashlib
-
-        changing = {k: v for k, v in asdict(self).items() if k not in UNHASHED_FIELDS}
-        return hashlib.sha256(json.dumps(changing, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cpu_has_bf16() -> bool:

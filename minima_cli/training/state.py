@@ -24,8 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import atomic_output_dir
-
-SCHEDULES = ("cosine", "linear", "constant")
+from minima_cli.training.config import SCHEDULES
 
 
 @torch.no_grad()
