@@ -14,8 +14,7 @@ RECIPE ?= recipes/tiny.yaml
 RUN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast lint demo bench bench-quality clean pipeline dry-run report smollm2 \
-	tiny score prune distill sft eval
+.PHONY: venv test test-fast lint demo bench bench-quality clean pipeline dry-run report smollm2
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,10 +43,12 @@ demo: venv
 
 # --- recipes -------------------------------------------------------------------------------------
 # The recipe's stages, each with the stage before it ("score=tiny prune=score ..."), and its
-# workdir, read with PyYAML alone (once the venv exists).
+# workdir: the stage order is the registry's (minima_cli/stages/__init__.py), read once the venv
+# exists.
 STAGE_PAIRS = $(if $(wildcard $(PY)),$(shell $(PY) -c 'import sys, yaml; \
+	from minima_cli.stages import PIPELINE; \
 	r = yaml.safe_load(open(sys.argv[1])) or {}; \
-	s = [x for x in ("tiny", "score", "prune", "distill", "sft", "eval") if r.get(x, False) is not False]; \
+	s = [x for x in PIPELINE if r.get(x, False) is not False]; \
 	print(" ".join(f"{a}={b}" for a, b in zip(s, ["-"] + s)))' $(RECIPE)))
 WORK ?= $(if $(wildcard $(PY)),$(shell $(PY) -c 'import sys, yaml; \
 	print((yaml.safe_load(open(sys.argv[1])) or {}).get("workdir", ""))' $(RECIPE)))
@@ -64,6 +65,7 @@ $(WORK)/$(1)/minima.json: $(RECIPE) $(if $(filter-out -,$(2)),$(WORK)/$(2)/minim
 $(1): $(WORK)/$(1)/minima.json
 endef
 $(foreach pair,$(STAGE_PAIRS),$(eval $(call stage_rule,$(firstword $(subst =, ,$(pair))),$(lastword $(subst =, ,$(pair))))))
+.PHONY: $(foreach pair,$(STAGE_PAIRS),$(firstword $(subst =, ,$(pair))))
 
 pipeline: venv $(if $(LAST_STAGE),$(WORK)/$(LAST_STAGE)/minima.json)
 	$(MINIMA) report $(WORK)

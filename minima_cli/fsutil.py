@@ -1,9 +1,6 @@
-"""Checkpoints on disk: resolve and load models (HF safetensors dirs or GGUF files), fingerprint
-them, write outputs atomically with a `minima.json` manifest, and stream safetensors tensor by
-tensor so pruning a 7B model needs little more memory than its largest tensor.
-
-Security: weights load from safetensors (or GGUF) only; pickle checkpoints are refused and
-`trust_remote_code` stays off unless the caller asks for it.
+"""Files and directories: the sha256 of a file, atomic output directories (`atomic_output_dir`:
+built beside the target, fsynced, renamed into place; temp dirs of dead processes removed) and
+the `minima.json` manifest every stage writes. Protocol and manifest fields: docs/formats.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The laws behind `minima plan` and `minima density`: pure math, no I/O (DESIGN.md section 5).
+"""The laws behind `minima plan` and `minima density`: pure math, no I/O, no torch.
 
 Capacity gap (MiniMA): the best teacher for a student of S parameters has T* = slope * S +
 intercept parameters (paper: T* = 2.498 S - 11.498 in millions, R^2 0.996), so a student keeps

@@ -1,5 +1,6 @@
 """Distillation losses: forward / reverse KL, generalized JSD, top-k teachers, the LM
-cross-entropy mix and a hidden-state MSE. Pure torch, no I/O.
+cross-entropy mix and a hidden-state MSE. Pure torch, no I/O. Conventions and guarantees, with
+the tests that check them: docs/losses.md.
 
 Per token, over the vocabulary, teacher p = softmax(t / T) and student q = softmax(s / T):
 
@@ -39,12 +40,10 @@ keeps only the gradient, in the student's dtype; backward scales it by grad_outp
 the student's final hidden states and lm_head weight instead of logits and never build the full
 student logits at all (Liger's "fused linear" idea): per chunk logits = h @ W^T, then grad_hidden
 rows and grad_weight (summed in float32) are accumulated. `chunk_tokens=None` picks
-`CHUNK_ELEMENTS[device] / vocab` tokens per chunk: 2 MiB float32 temporaries on CPU, which stay
-in cache (forward KL loss + gradient of 256 tokens on an idle 2-core EPYC: 28 / 73 / 303 ms at
-vocab 16k / 32k / 128k, vs 41 / 77 / 347 ms in 8 MiB chunks; much smaller chunks lose, more so on
-a busy machine, where every op of a chunk waits for all its threads), 64 MiB on accelerators,
-where fewer, larger kernels matter more. The fused variants take at least 128 tokens per chunk,
-since each chunk rereads the whole lm_head gradient.
+`CHUNK_ELEMENTS[device] / vocab` tokens per chunk: 2 MiB float32 temporaries on CPU, small
+enough to stay in cache (much smaller chunks pay more per-op overhead than they save), 64 MiB
+on accelerators, where fewer, larger kernels matter more. The fused variants take at least 128
+tokens per chunk, since each chunk rereads the whole lm_head gradient.
 When at least DENSE_FRACTION of the tokens count, chunks are row ranges (views, no gather copies).
 The saved gradient is handed to autograd without a copy, so each graph can be backpropagated
 once (no retain_graph).
@@ -118,9 +117,8 @@ class _Spec:
 # every live [chunk, vocab] temporary counts towards the loss's peak memory) and returns the
 # per-token value and its gradient w.r.t. the scaled student logits z = s / T (so d loss / ds =
 # T * that). Few, fused kernels on purpose: every [chunk, vocab] pass is memory bound, and every
-# ATen op is a parallel region whose threads must all get a core. On a shared 2-core machine a
-# region waited ~15 ms for a descheduled thread, so 26 ops per chunk (logsumexp alone is 7) made
-# the chunked loss 2.6x slower than the unchunked one; 7-8 ops per chunk now.
+# ATen op is a parallel region whose threads must all get a core, which on a shared machine can
+# wait for a descheduled thread; hence 7-8 ops per chunk.
 
 
 def _log_softmax(x: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
@@ -341,8 +339,8 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher, labels, rows, spec: _Spec, chunk: int):
         V, cdtype = spec.vocab_size, torch.promote_types(hidden.dtype, torch.float32)
-        # CPUs without bf16 matmul units run bf16 GEMMs ~100x slower than fp32 (9 s vs 0.09 s
-        # for one 128-token chunk at 32k vocab here): there, upcast the head once
+        # CPUs without bf16 matmul units run bf16 GEMMs far slower than fp32: there, upcast the
+        # head once
         mm_dtype = cdtype if hidden.device.type == "cpu" else weight.dtype
         w = weight.detach()[:V].to(mm_dtype)
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None

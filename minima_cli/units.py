@@ -1,8 +1,4 @@
-"""LLaMA-family architecture access: which models minima supports, their shape, parameter counts.
-
-Everything here is pure (configs and numbers in, numbers out) except the small module accessors
-at the bottom, which only walk an already-built `transformers` model.
-"""
+"""Units: parse and format parameter counts ("3B", "60M", "1.5e9") and durations. Pure, no torch."""
 
 from __future__ import annotations
 
@@ -32,6 +28,7 @@ def parse_size(text: str) -> int:
 
 
 def format_seconds(seconds: float | None) -> str:
+    """Wall time for tables: 42s, 12.5min; '-' when unknown."""
     if seconds is None or math.isnan(seconds):
         return "-"
-    return f"{seconds:.0f}s" if seconds < 600 else f"{seconds / 60:.0f}m"
+    return f"{seconds:.0f}s" if seconds < 600 else f"{seconds / 60:.1f}min"

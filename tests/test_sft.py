@@ -16,6 +16,7 @@ from minima_cli.data.chat import (
     CHATML_TEMPLATE,
     ChatRowStream,
     Example,
+    chat_prompt,
     collate,
     encode_conversations,
     fit_examples,
@@ -27,7 +28,6 @@ from minima_cli.errors import MinimaError
 from minima_cli.losses import IGNORE_INDEX
 from minima_cli.runtime import torch_threads
 from minima_cli.stages.configs import SftConfig
-from minima_cli.stages.evaluate import CHATML_TEMPLATE as EVAL_CHATML
 from minima_cli.stages.sft import make_evaluate_fn, make_loss_fn
 
 
@@ -110,7 +110,27 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("template", [CHATML_TEMPLATE, EVAL_CHATML],
+# The same ChatML without the {% generation %} markers: its assistant spans are found by rendering
+# the turns incrementally.
+PLAIN_CHATML = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+
+
+def test_chatml_renders_the_same_text_with_or_without_generation_markers(tokenizer):
+    """sft trains on what the marked template renders; `minima eval` prompts with `chat_prompt`:
+    both are plain ChatML, so a model is prompted the way it was trained."""
+    assert PLAIN_CHATML != CHATML_TEMPLATE
+    for messages in CONVERSATIONS:
+        for opener in (False, True):
+            texts = {tokenizer.apply_chat_template(messages, chat_template=template,
+                                                   tokenize=False, add_generation_prompt=opener)
+                     for template in (CHATML_TEMPLATE, PLAIN_CHATML)}
+            assert len(texts) == 1
+        expected = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                           for m in messages[:-1]) + "<|im_start|>assistant\n"
+        assert chat_prompt(tokenizer, messages[:-1]) == expected
+
+
+@pytest.mark.parametrize("template", [CHATML_TEMPLATE, PLAIN_CHATML],
                          ids=["generation-blocks", "incremental-prefixes"])
 def test_label_mask_is_exactly_the_assistant_tokens(tokenizer, template):
     examples = encode_conversations(tokenizer, template, CONVERSATIONS)

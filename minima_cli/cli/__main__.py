@@ -1,3 +1,5 @@
+"""`python -m minima_cli.cli`: the `minima` command."""
+
 import sys
 
 from minima_cli.cli.app import main

@@ -1,11 +1,12 @@
-"""`minima sft`: supervised fine-tuning on chat data, with the loss on assistant tokens only.
+"""Chat data for `minima sft`: records to assistant-masked token rows and a resumable stream.
 
 Pipeline: records (`messages`, ShareGPT `conversations`, `prompt` + `response`/`completion`, or
 Alpaca `instruction` [+ `input`] + `output`; detected per record) -> messages -> text by the
 tokenizer's chat template (ChatML when it has none; that template is then saved with the model)
 -> token ids with a mask that is 1 exactly on the assistant spans -> rows (one example per row,
 or examples packed whole into `seq_len` rows) -> a seeded, resumable stream of batches for the
-shared loop (train.py), optionally with a teacher (distill's losses, on assistant tokens only).
+shared loop (training/loop.py); each batch carries its `share` of the step's assistant tokens,
+which weights its loss (docs/losses.md).
 
 Assistant spans: where the template marks them with `{% generation %}` (minima's ChatML does),
 those character spans; otherwise the template is rendered incrementally and each assistant turn
@@ -37,6 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from minima_cli.data.position import ResumableStream
+from minima_cli.data.read import RECORD_SUFFIXES, data_files, read_records
+from minima_cli.data.seeds import CHAT_SHUFFLE, CHAT_SPLIT, permutation, split_indices
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import file_sha256
 from minima_cli.losses import IGNORE_INDEX
@@ -45,8 +49,10 @@ from minima_cli.progress import step_progress
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
-# ChatML with the assistant replies marked for `return_assistant_tokens_mask`; it renders exactly
-# what evaluate.CHATML_TEMPLATE renders, so `minima eval` prompts a model the way sft trained it.
+# ChatML, minima's chat template for tokenizers without one (the tiny world's tokenizer reserves
+# <|im_start|> / <|im_end|> for it), with the assistant replies marked for
+# `return_assistant_tokens_mask`; the markers change nothing in the text. sft trains with it and
+# `minima eval` prompts with it (`chat_prompt`), so a model is prompted the way it was trained.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}"
@@ -67,7 +73,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 FORMATS = ("messages", "sharegpt", "prompt-response", "instruction")
 
 
-CHAT_SUFFIXES = (".jsonl", ".json", ".parquet")
+CHAT_SUFFIXES = RECORD_SUFFIXES
 
 
 FORMAT_HELP = ("expected 'messages', 'conversations' (ShareGPT), 'prompt' + 'response' (or "
@@ -75,9 +81,6 @@ FORMAT_HELP = ("expected 'messages', 'conversations' (ShareGPT), 'prompt' + 'res
 
 
 STATE_VERSION = 1
-
-
-_SPLIT, _SHUFFLE = 11, 12  # tags that give each use of the seed its own random stream
 
 
 def to_messages(record: Any, where: str) -> tuple[str, list[dict[str, str]]]:
@@ -169,43 +172,11 @@ def chat_files(source: str | Path) -> list[Path]:
     if not path.exists():
         raise MinimaError(f"chat data not found: {source}")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in CHAT_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise MinimaError(f"no {'/'.join(CHAT_SUFFIXES)} files in directory {path}")
-        return files
+        return data_files(path, CHAT_SUFFIXES)
     if path.suffix not in CHAT_SUFFIXES:
         raise MinimaError(f"unsupported chat data file {path} (expected "
                           f"{', '.join(CHAT_SUFFIXES)}, or a directory of them)")
     return [path]
-
-
-def _records(path: Path) -> list[tuple[str, Any]]:
-    from minima_cli.data.read import read_jsonl
-
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return [(f"{path} row {i}", r) for i, r in
-                    enumerate(pq.read_table(path).to_pylist(), start=1)]
-        if path.suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                if e.msg != "Extra data":  # else: JSON lines under a .json name
-                    raise MinimaError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-            else:
-                if not isinstance(data, list):
-                    raise MinimaError(f"{path}: expected a JSON list of records")
-                return [(f"{path} record {i}", r) for i, r in enumerate(data, start=1)]
-        return [(f"{path}:{lineno}", r) for lineno, r in read_jsonl(path)]
-    except UnicodeDecodeError:
-        raise MinimaError(f"{path}: not UTF-8 text") from None
-    except MinimaError:
-        raise
-    except Exception as e:  # pyarrow raises several types for unreadable files
-        raise MinimaError(f"{path}: cannot read ({e})") from None
 
 
 def read_chat(source: str | Path) -> tuple[list[list[dict[str, str]]], dict[str, Any]]:
@@ -214,7 +185,7 @@ def read_chat(source: str | Path) -> tuple[list[list[dict[str, str]]], dict[str,
     files = chat_files(source)
     conversations, formats = [], Counter()
     for path in files:
-        for where, record in _records(path):
+        for where, record in read_records(path):
             kind, messages = to_messages(record, where)
             formats[kind] += 1
             conversations.append(messages)
@@ -315,6 +286,14 @@ def chat_template_of(tokenizer: Any) -> tuple[str, bool]:
     if isinstance(template, dict):  # named templates: the "default" one, as transformers picks
         template = template.get("default")
     return (template, False) if template else (CHATML_TEMPLATE, True)
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The conversation so far plus the assistant's turn opener, by the template sft trains with
+    (`chat_template_of`: the tokenizer's own, ChatML when it has none)."""
+    template, _ = chat_template_of(tokenizer)
+    (text,), _ = _render(tokenizer, template, [messages], add_generation_prompt=True)
+    return text
 
 
 def missing_chatml_tokens(tokenizer: Any) -> list[str]:
@@ -425,13 +404,15 @@ def rows_fingerprint(rows: list[list[Example]], extra: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-class ChatRowStream:
+class ChatRowStream(ResumableStream):
     """An endless stream of collated batches over `rows`, in a seeded random order redrawn each
     epoch. The rows of one optimizer step (`batch_size * world_size * grad_accum`) are drawn
     together, so every micro-batch's `share` weights it by its assistant tokens within the step;
     with `world_size` > 1 each global micro-batch is cut into per-rank slices, so the state is
     the same on every rank. `state_dict()` is small and JSON-able; a fresh stream over the same
     rows continues exactly from it."""
+
+    state_version = STATE_VERSION
 
     def __init__(self, rows: list[list[Example]], *, batch_size: int, pad_id: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, fingerprint: str = "",
@@ -441,8 +422,9 @@ class ChatRowStream:
         if batch_size < 1 or grad_accum < 1 or not 0 <= rank < world_size:
             raise MinimaError(f"bad batch size {batch_size}, accumulation {grad_accum} or rank "
                               f"{rank} of {world_size}")
-        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
-        self.rank, self.world_size, self.fingerprint = rank, world_size, fingerprint
+        super().__init__(seed=seed, fingerprint=fingerprint)
+        self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
+        self.rank, self.world_size = rank, world_size
         self.grad_accum = grad_accum
         self.epoch, self.index, self.batches_served, self.tokens_served = 0, 0, 0, 0
         self.resumed_tokens = 0  # tokens served before this process resumed the stream
@@ -453,10 +435,7 @@ class ChatRowStream:
         self._in_step = 0
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(len(self.rows))
-
-    def __iter__(self) -> ChatRowStream:
-        return self
+        return permutation(len(self.rows), [self.seed, CHAT_SHUFFLE, epoch])
 
     def _draw_step(self) -> None:
         self._step_start, self._step_rows = (self.epoch, self.index), []
@@ -481,18 +460,13 @@ class ChatRowStream:
                                                   self.world_size * self.grad_accum))
         return batch
 
-    def state_dict(self) -> dict[str, Any]:
-        # the position the current step was drawn from, and how much of it was served
+    def position(self) -> dict[str, Any]:
+        """The position the current step was drawn from, and how much of it was served."""
         epoch, index = self._step_start if self._in_step else (self.epoch, self.index)
-        return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "seed": self.seed,
-                "epoch": epoch, "index": index, "in_step": self._in_step,
+        return {"epoch": epoch, "index": index, "in_step": self._in_step,
                 "batches_served": self.batches_served, "tokens_served": self.tokens_served}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise MinimaError("unsupported data position (saved by another minima version?)")
-        if state.get("fingerprint") != self.fingerprint or state.get("seed") != self.seed:
-            raise MinimaError("the saved data position belongs to a different run (data mismatch)")
+    def restore(self, state: dict[str, Any]) -> None:
         if not 0 <= int(state["index"]) <= len(self.rows):
             raise MinimaError("the saved data position does not fit this data (data mismatch)")
         in_step = int(state.get("in_step", 0))
@@ -510,13 +484,8 @@ class ChatRowStream:
 
 
 def split_conversations(n: int, *, seed: int, valid_fraction: float) -> tuple[list[int], list[int]]:
-    """(train, valid) indices: a seeded `valid_fraction` of the conversations (at least one)."""
-    if not 0 <= valid_fraction < 1:
-        raise MinimaError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
-    n_valid = max(1, round(valid_fraction * n)) if valid_fraction else 0
-    if n_valid >= n:
-        raise MinimaError(f"the validation split takes {n_valid} of {n} conversations: nothing "
-                          "is left for training")
-    order = np.random.default_rng([seed, _SPLIT]).permutation(n)
-    held = set(order[:n_valid].tolist())
-    return [i for i in range(n) if i not in held], sorted(held)
+    """(train, valid) indices, each ascending: a seeded `valid_fraction` of the conversations (at
+    least one) is held out."""
+    train, valid = split_indices(n, [seed, CHAT_SPLIT], valid_fraction=valid_fraction,
+                                 items="conversations", fraction_option="--valid-fraction")
+    return train.tolist(), valid.tolist()

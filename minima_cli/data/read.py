@@ -1,13 +1,7 @@
-"""Data layer shared by the stages: read documents, tokenize them, pack them into blocks.
-
-A *document* is one string. Sources are local `.txt` (one document per non-empty line),
-`.jsonl` / `.json` (records with a text field), `.parquet` (a text column), a directory of
-such files, or, when the source is not a local path, a `datasets` hub name.
-
-Training data (distill, sft) goes source -> cached flat token stream (`tokenize_source`) ->
-document split into train / validation -> `seq_len` blocks with EOS separators
-(`prepare_data`) -> `MixedBlockStream`, which samples blocks from the sources by weight and whose
-position is a small JSON-able state, so a resumed run continues with exactly the same batches.
+"""Read documents (one string each) from a local `.txt` (a document per non-empty line; `.md` when
+named), `.jsonl` / `.json` (records with a text field, or `{field: [...]}`), `.parquet` (a text
+column), a directory of such files, or a `datasets` hub name. Every problem is one MinimaError
+line naming the file (and line) at fault.
 """
 
 from __future__ import annotations
@@ -29,6 +23,9 @@ TEXT_SUFFIXES = (".txt", ".md")  # plain text: one document per non-empty line
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # files of records: chat data, eval tasks
+
+
 # `owner/name` or `name`: what a hub dataset id looks like. Anything else (absolute, relative with
 # ./ or ../, ~, a data-file suffix, a trailing slash) is unambiguously meant as a local path.
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -44,11 +41,11 @@ def read_documents(source: str | Path, text_field: str = "text") -> list[str]:
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
-            files = _data_files(path)
+            files = data_files(path)
             docs = list(chain.from_iterable(_read_file(f, text_field) for f in files))
         else:
             docs = list(_read_file(path, text_field))
-    elif isinstance(source, str) and _looks_like_hub_name(source):
+    elif isinstance(source, str) and looks_like_hub_name(source):
         docs = _read_hub(source, text_field)
     else:
         raise MinimaError(f"data source not found: {source}")
@@ -60,21 +57,23 @@ def read_documents(source: str | Path, text_field: str = "text") -> list[str]:
     return docs
 
 
-def _looks_like_hub_name(source: str) -> bool:
+def looks_like_hub_name(source: str) -> bool:
+    """Whether a data source that is not a local path reads as a hub dataset id."""
     return bool(_HUB_NAME.match(source)) and not source.endswith((*SUPPORTED_SUFFIXES, ".md"))
 
 
-def _data_files(directory: Path) -> list[Path]:
+def data_files(directory: Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> list[Path]:
+    """The data files (by suffix) under `directory`, recursively and sorted; hidden files and
+    folders are skipped. None is an error."""
     files = sorted(
         p
         for p in directory.rglob("*")
         if p.is_file()
-        and p.suffix in SUPPORTED_SUFFIXES
+        and p.suffix in suffixes
         and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
     if not files:
-        kinds = "/".join(SUPPORTED_SUFFIXES)
-        raise MinimaError(f"no {kinds} files in directory {directory}")
+        raise MinimaError(f"no {'/'.join(suffixes)} files in directory {directory}")
     return files
 
 
@@ -82,7 +81,7 @@ def _read_file(path: Path, text_field: str) -> Iterable[str]:
     if path.suffix in TEXT_SUFFIXES:
         return _read_txt(path)
     if path.suffix == ".jsonl":
-        return _texts(read_jsonl(path), path, text_field)
+        return _texts(_json_records(path, _JSON_LINES), text_field)
     if path.suffix == ".json":
         return _read_json(path, text_field)
     if path.suffix == ".parquet":
@@ -108,34 +107,73 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise MinimaError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
 
 
-def _read_json(path: Path, text_field: str) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+def read_records(path: str | Path) -> list[tuple[str, Any]]:
+    """(where, record) for each record of a file of records (chat data, evaluation tasks): where
+    names the file and the record for messages, `FILE:LINE` in JSON lines, `FILE record N` in a
+    JSON list, `FILE row N` in parquet. A `.json` file holds a list of records, or JSON lines (as
+    `datasets` allows); any other suffix but `.parquet` is read as JSON lines. Every problem with
+    the file is one clear line."""
+    path = Path(path)
     try:
-        data = json.loads(text)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [(f"{path} row {i}", r)
+                    for i, r in enumerate(pq.read_table(path).to_pylist(), start=1)]
+        data = _load_json(path) if path.suffix == ".json" else _JSON_LINES
+        return list(_json_records(path, data))
+    except FileNotFoundError:
+        raise MinimaError(f"file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise MinimaError(f"{path}: not UTF-8 text") from None
+    except MinimaError:
+        raise
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise MinimaError(f"{path}: cannot read ({e})") from None
+
+
+_JSON_LINES = object()  # what `_load_json` returns for JSON lines under a .json name
+
+
+def _load_json(path: Path) -> Any:
+    """The value of a .json file, or `_JSON_LINES` when it holds several top-level values."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
-            # Several top-level values: JSON lines saved under a .json name (as `datasets` allows).
-            return _texts(read_jsonl(path), path, text_field)
+            return _JSON_LINES
         raise MinimaError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if isinstance(data, list):
-        return _texts(((None, record) for record in data), path, text_field)
+
+
+def _json_records(path: Path, data: Any) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a .json file's value, or of JSON lines read lazily (a large corpus is
+    never held as records)."""
+    if data is _JSON_LINES:
+        yield from ((f"{path}:{lineno}", record) for lineno, record in read_jsonl(path))
+        return
+    if not isinstance(data, list):
+        raise MinimaError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    yield from ((f"{path} record {i}", record) for i, record in enumerate(data, start=1))
+
+
+def _read_json(path: Path, text_field: str) -> list[str]:
+    data = _load_json(path)
     if isinstance(data, dict) and isinstance(data.get(text_field), list):
         # Columnar layout: {"text": [...], ...}.
-        return _texts(((None, {text_field: v}) for v in data[text_field]), path, text_field)
+        return _texts(((str(path), {text_field: v}) for v in data[text_field]), text_field)
     if isinstance(data, dict):
         fields = ", ".join(map(str, data)) or "none"
         raise MinimaError(
             f"{path}: no list under field '{text_field}' (fields present: {fields}); "
             "expected a list of records or {'" + text_field + "': [...]}"
         )
-    raise MinimaError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return _texts(_json_records(path, data), text_field)
 
 
-def _texts(records: Iterable[tuple[int | None, Any]], path: Path, field: str) -> list[str]:
-    """The `field` of each record; `None` values count as empty documents."""
+def _texts(records: Iterable[tuple[str, Any]], field: str) -> list[str]:
+    """The `field` of each (where, record); `None` values count as empty documents."""
     out = []
-    for lineno, record in records:
-        where = f"{path}:{lineno}" if lineno is not None else str(path)
+    for where, record in records:
         if not isinstance(record, dict):
             raise MinimaError(f"{where}: expected a JSON object, got {type(record).__name__}")
         if field not in record:
@@ -163,7 +201,8 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
         raise
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise MinimaError(f"{path}: cannot read parquet file ({e})") from None
-    return _texts(((None, {text_field: v}) for v in column), path, text_field)
+    return _texts(((f"{path} row {i}", {text_field: v}) for i, v in enumerate(column, start=1)),
+                  text_field)
 
 
 def _read_hub(name: str, text_field: str) -> list[str]:
@@ -180,4 +219,4 @@ def _read_hub(name: str, text_field: str) -> list[str]:
     if text_field not in ds.column_names:
         fields = ", ".join(ds.column_names) or "none"
         raise MinimaError(f"dataset {name}: no column '{text_field}' (columns present: {fields})")
-    return _texts(((None, {text_field: v}) for v in ds[text_field]), Path(name), text_field)
+    return _texts(((name, {text_field: v}) for v in ds[text_field]), text_field)

@@ -1,13 +1,7 @@
-"""Data layer shared by the stages: read documents, tokenize them, pack them into blocks.
-
-A *document* is one string. Sources are local `.txt` (one document per non-empty line),
-`.jsonl` / `.json` (records with a text field), `.parquet` (a text column), a directory of
-such files, or, when the source is not a local path, a `datasets` hub name.
-
-Training data (distill, sft) goes source -> cached flat token stream (`tokenize_source`) ->
-document split into train / validation -> `seq_len` blocks with EOS separators
-(`prepare_data`) -> `MixedBlockStream`, which samples blocks from the sources by weight and whose
-position is a small JSON-able state, so a resumed run continues with exactly the same batches.
+"""Training data sources and their identities: `parse_sources` turns "a.txt:0.7,b.jsonl:0.3" (or a
+YAML list) into weighted `DataSource`s; the fingerprints of a source's content, of a tokenizer and
+of a run's data (`data_fingerprint`) guard the token cache, the teacher cache and resumes
+(docs/formats.md).
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minima_cli.data.read import _data_files, _looks_like_hub_name
+from minima_cli.data.read import data_files, looks_like_hub_name
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import file_sha256
 
@@ -126,12 +120,12 @@ def source_fingerprint(source: DataSource) -> str:
     path = Path(source.path_or_name).expanduser()
     if path.is_dir():
         digest = hashlib.sha256()
-        for file in _data_files(path):
+        for file in data_files(path):
             digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
         return digest.hexdigest()
     if path.exists():
         return file_sha256(path)
-    if _looks_like_hub_name(source.path_or_name):
+    if looks_like_hub_name(source.path_or_name):
         return f"hub:{source.path_or_name}"
     raise MinimaError(f"data source not found: {source.path_or_name}")
 

@@ -1,13 +1,8 @@
-"""Data layer shared by the stages: read documents, tokenize them, pack them into blocks.
-
-A *document* is one string. Sources are local `.txt` (one document per non-empty line),
-`.jsonl` / `.json` (records with a text field), `.parquet` (a text column), a directory of
-such files, or, when the source is not a local path, a `datasets` hub name.
-
-Training data (distill, sft) goes source -> cached flat token stream (`tokenize_source`) ->
-document split into train / validation -> `seq_len` blocks with EOS separators
-(`prepare_data`) -> `MixedBlockStream`, which samples blocks from the sources by weight and whose
-position is a small JSON-able state, so a resumed run continues with exactly the same batches.
+"""A run's token-block data: `prepare_data` (sources -> cached flat tokens (`tokenize_source`) ->
+per-source train / validation split -> EOS-separated `seq_len` blocks, plus the data
+fingerprint) and `MixedBlockStream`, which samples blocks from the sources by weight and whose
+position is a small JSON-able state, so a resumed run continues with exactly the same batches
+(docs/formats.md).
 """
 
 from __future__ import annotations
@@ -22,14 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from minima_cli.data.pack import (
-    _MIX,
-    _SHUFFLE,
-    blocks_from_stream,
-    pack_tokens,
-    separated_stream,
-    split_documents,
-)
+from minima_cli.data.pack import blocks_from_stream, pack_tokens, separated_stream, split_documents
+from minima_cli.data.position import ResumableStream
+from minima_cli.data.seeds import MIX, SHUFFLE, permutation
 from minima_cli.data.sources import (
     STATE_VERSION,
     DataSource,
@@ -40,10 +30,6 @@ from minima_cli.data.sources import (
 )
 from minima_cli.data.tokenize import tokenize_source
 from minima_cli.errors import MinimaError
-
-# Tags that give each use of the seed its own independent random stream.
-
-
 
 
 @dataclass
@@ -137,7 +123,7 @@ def prepare_data(
 def shuffle_order(n_blocks: int, seed: int, source_index: int, epoch: int) -> np.ndarray:
     """The order in which a source serves its blocks in one epoch: a pure function of its
     arguments, so a resumed stream rebuilds it from (seed, source, epoch) alone."""
-    return np.random.default_rng([seed, _SHUFFLE, source_index, epoch]).permutation(n_blocks)
+    return permutation(n_blocks, [seed, SHUFFLE, source_index, epoch])
 
 
 def _check_seed(seed: int) -> None:
@@ -145,7 +131,7 @@ def _check_seed(seed: int) -> None:
         raise MinimaError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-class MixedBlockStream:
+class MixedBlockStream(ResumableStream):
     """An endless stream of int64 `[batch_size, seq_len]` batches drawn from several sources.
 
     Every block of the global sequence comes from source `i` with probability
@@ -158,6 +144,8 @@ class MixedBlockStream:
     The position is `state_dict()`: small, JSON-able, and `load_state_dict()` on a fresh stream
     over the same data continues with exactly the batches the saved one would have served.
     """
+
+    state_version = STATE_VERSION
 
     def __init__(
         self,
@@ -184,24 +172,19 @@ class MixedBlockStream:
         if not 0 <= rank < world_size:
             raise MinimaError(f"rank {rank} is not in a world of size {world_size}")
         _check_seed(seed)
-        self.blocks, self.weights, self.seed = blocks, weights, seed
+        super().__init__(seed=seed,
+                         fingerprint=fingerprint or _blocks_fingerprint(blocks, weights, seed))
+        self.blocks, self.weights = blocks, weights
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         cumulative = np.cumsum(weights)
         self._cumulative = cumulative / cumulative[-1]
-        self._fingerprint = fingerprint or _blocks_fingerprint(blocks, weights, seed)
         self.epochs = [0] * len(blocks)
         self.indices = [0] * len(blocks)
         self._orders = [shuffle_order(len(b), seed, i, 0) for i, b in enumerate(blocks)]
-        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _MIX])))
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, MIX])))
         self.blocks_served = 0
         self.batches_served = 0
         self.last_picks: list[tuple[int, int]] = []
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def __iter__(self) -> MixedBlockStream:
-        return self
 
     def __next__(self) -> torch.Tensor:
         n = self.batch_size * self.world_size
@@ -225,13 +208,11 @@ class MixedBlockStream:
         self.indices[source] += 1
         return source, row
 
-    def state_dict(self) -> dict[str, Any]:
-        """The position, JSON-able (the PCG64 state is two Python ints of 128 bits)."""
+    def position(self) -> dict[str, Any]:
+        """Each source's epoch and index, and the mixing draws' PCG64 state (two Python ints of
+        128 bits)."""
         rng = self._rng.bit_generator.state
         return {
-            "version": STATE_VERSION,
-            "fingerprint": self._fingerprint,
-            "seed": self.seed,
             "epochs": list(self.epochs),
             "indices": list(self.indices),
             "rng": {**rng["state"], "has_uint32": rng["has_uint32"], "uinteger": rng["uinteger"]},
@@ -239,26 +220,18 @@ class MixedBlockStream:
             "batches_served": self.batches_served,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; refuses one saved over different data."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise MinimaError("unsupported data position (saved by another minima version?)")
-        if state.get("fingerprint") != self._fingerprint or state.get("seed") != self.seed:
-            raise MinimaError("the saved data position belongs to a different run (data mismatch)")
-        try:
-            epochs = [int(e) for e in state["epochs"]]
-            indices = [int(i) for i in state["indices"]]
-            rng = state["rng"]
-            rng_state = {
-                "bit_generator": "PCG64",
-                "state": {"state": int(rng["state"]), "inc": int(rng["inc"])},
-                "has_uint32": int(rng["has_uint32"]),
-                "uinteger": int(rng["uinteger"]),
-            }
-            blocks_served = int(state["blocks_served"])
-            batches_served = int(state["batches_served"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise MinimaError(f"malformed data position: {type(e).__name__} {e}") from None
+    def restore(self, state: dict[str, Any]) -> None:
+        epochs = [int(e) for e in state["epochs"]]
+        indices = [int(i) for i in state["indices"]]
+        rng = state["rng"]
+        rng_state = {
+            "bit_generator": "PCG64",
+            "state": {"state": int(rng["state"]), "inc": int(rng["inc"])},
+            "has_uint32": int(rng["has_uint32"]),
+            "uinteger": int(rng["uinteger"]),
+        }
+        blocks_served = int(state["blocks_served"])
+        batches_served = int(state["batches_served"])
         sizes = [len(b) for b in self.blocks]
         if len(epochs) != len(sizes) or len(indices) != len(sizes) or any(
             e < 0 or not 0 <= i <= n for e, i, n in zip(epochs, indices, sizes, strict=True)

@@ -1,10 +1,11 @@
-"""`minima cache-teacher`: the teacher's top-k log-probs for every training token, on disk, so
-`minima distill --teacher-cache DIR` trains without the teacher in memory (or on another machine).
+"""Teacher top-k caches: `teacher_topk`, the shard writer `minima cache-teacher` uses, and
+`TeacherCache`, which `minima distill --teacher-cache DIR` reads instead of running the teacher.
 
-Layout of the cache directory (written atomically):
-- `source-<i>-<shard>.safetensors`: `logprobs` float16 `[blocks, seq_len, k]` (log_softmax of the
-  teacher's logits at T = 1, over the tokenizer's real vocabulary) and `indices` int32, for the
-  training blocks `[first, first + blocks)` of data source i, in block order;
+Layout of the cache directory (written atomically; details in docs/formats.md):
+- `source-<i>-<shard>.safetensors`: `logprobs` `[blocks, seq_len, k]` in the cache dtype
+  (float16 by default), the top k of log_softmax of the teacher's logits at T = 1 over the
+  tokenizer's real vocabulary, and `indices` int32, their token ids, for the training blocks
+  `[first, first + blocks)` of data source i, in block order;
 - `minima.json`: the teacher and data fingerprints, k, seq_len and the shard table.
 A block is looked up by (source, row), the key `MixedBlockStream.last_picks` reports, so any data
 order (seed, mixture weights, resume) reads the right rows. The cache is tied to the prepared

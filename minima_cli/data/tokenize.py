@@ -1,13 +1,6 @@
-"""Data layer shared by the stages: read documents, tokenize them, pack them into blocks.
-
-A *document* is one string. Sources are local `.txt` (one document per non-empty line),
-`.jsonl` / `.json` (records with a text field), `.parquet` (a text column), a directory of
-such files, or, when the source is not a local path, a `datasets` hub name.
-
-Training data (distill, sft) goes source -> cached flat token stream (`tokenize_source`) ->
-document split into train / validation -> `seq_len` blocks with EOS separators
-(`prepare_data`) -> `MixedBlockStream`, which samples blocks from the sources by weight and whose
-position is a small JSON-able state, so a resumed run continues with exactly the same batches.
+"""Tokenisation: documents to token ids without special tokens, and a source to one flat int32
+token stream with document offsets (`TokenizedSource`), cached on disk per (content, text field,
+tokenizer) and written atomically (docs/formats.md).
 """
 
 from __future__ import annotations
@@ -16,6 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -66,19 +60,28 @@ class TokenizedSource:
     def document(self, i: int) -> list[int]:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]].tolist()
 
+    @classmethod
+    def of(cls, token_ids: Sequence[Sequence[int]]) -> TokenizedSource:
+        """The flat layout of documents given as token id lists."""
+        token_ids = token_ids if isinstance(token_ids, Sequence) else list(token_ids)
+        lengths = [len(doc) for doc in token_ids]
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.fromiter(chain.from_iterable(token_ids), np.int32, count=int(offsets[-1]))
+        return cls(tokens, offsets)
+
 
 def tokenize_flat(tokenizer: Any, documents: list[str]) -> TokenizedSource:
     """`tokenize_documents` into the flat layout, a chunk of documents at a time."""
-    parts, lengths = [], []
-    for start in range(0, len(documents), TOKENIZE_CHUNK):
-        ids = tokenize_documents(tokenizer, documents[start : start + TOKENIZE_CHUNK])
-        chunk_lengths = [len(doc) for doc in ids]
-        lengths.extend(chunk_lengths)
-        parts.append(np.fromiter(chain.from_iterable(ids), np.int32, count=sum(chunk_lengths)))
+    chunks = (documents[start : start + TOKENIZE_CHUNK]
+              for start in range(0, len(documents), TOKENIZE_CHUNK))
+    parts = [TokenizedSource.of(tokenize_documents(tokenizer, chunk)) for chunk in chunks]
+    if len(parts) < 2:
+        return parts[0] if parts else TokenizedSource.of([])
+    lengths = np.concatenate([np.diff(part.offsets) for part in parts])
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    return TokenizedSource(tokens, offsets)
+    return TokenizedSource(np.concatenate([part.tokens for part in parts]), offsets)
 
 
 def cache_key(content: str, text_field: str, tokenizer_fp: str) -> str:

@@ -1,0 +1,1 @@
+"""LLaMA-family models: architecture access, checkpoints on disk, masks, scores and pruning."""

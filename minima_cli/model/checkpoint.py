@@ -1,6 +1,6 @@
-"""Checkpoints on disk: resolve and load models (HF safetensors dirs or GGUF files), fingerprint
-them, write outputs atomically with a `minima.json` manifest, and stream safetensors tensor by
-tensor so pruning a 7B model needs little more memory than its largest tensor.
+"""Models on disk: resolve a path to an HF safetensors directory or a GGUF file, load its config,
+model and tokenizer (LLaMA-family only), fingerprint it cheaply, check that two tokenizers match,
+and carry tokenizer files over to a new model directory.
 
 Security: weights load from safetensors (or GGUF) only; pickle checkpoints are refused and
 `trust_remote_code` stays off unless the caller asks for it.

@@ -11,7 +11,8 @@ only the residual RMSNorms get their forward swapped for the kept-dims one below
 Hidden-dim semantics (MiniMA's): every residual RMSNorm averages over the *kept* dims,
 `rms(x) = sqrt(sum_d x_d^2 / sum_d zeta_d)`. With zeta = 1 this is the plain model; with zeta a
 0/1 vector it is exactly the model whose hidden dims were sliced away, with no rescaling of norm
-weights or eps (which also keeps Qwen3's per-head q/k norms untouched).
+weights or eps (which also keeps Qwen3's per-head q/k norms untouched). The full argument, and
+what the tests check: docs/masks.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""`minima score`: expressive scores of heads, kv groups, FFN neurons, hidden dims and layers.
-
-grad (default, MiniMA): S(m) = (1/N) sum_batches |dL/dm| at m = 1 (first-order Taylor importance
-of removing the unit), with only the masks requiring grad, so a batch costs one forward and an
-activation-only backward.
-activation (Minitron): mean activation magnitude at each unit (head context L2 norm, |neuron|,
-|residual RMSNorm output| per dim) and, for layers, Block Influence 1 - cos(h_in, h_out).
-
-Raw scores and per-layer L2-normalised scores (hidden and layers by their own L2 norm) are saved;
-normalised scores are what compete across layers.
+"""Score tensors: per-layer L2 normalisation, `scores.safetensors` save and load (normalised and
+`_raw` scores per mask axis, docs/formats.md), and random scores, the baseline a real method must
+beat. The scoring itself (gradient and activation methods) is stages/score.py.
 """
 
 from __future__ import annotations

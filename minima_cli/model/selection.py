@@ -1,13 +1,8 @@
-"""`minima prune`: structured pruning of a LLaMA-family model on five axes into a standard HF model.
-
-Two pure steps, then I/O:
-1. `resolve_target(teacher shape, --shape/--params/--ratio) -> student shape`
-2. `plan_prune(scores, teacher shape, student shape, priority) -> PrunePlan` (kept indices per axis)
-3. `prune_checkpoint(source, plan, out)`: stream every tensor through `slice_tensor` into new
-   safetensors shards, write the shrunk config, copy the tokenizer.
-
-The pruned model equals the teacher run with the plan's masks at 0 (see masks.py for the hidden
-dim semantics), which the tests check on every axis.
+"""Which units survive a prune: `plan_prune(scores, teacher shape, student shape, priority,
+layer_selection) -> PrunePlan` (kept teacher indices per axis, the same width in every kept
+layer), `plan_masks` (a plan as 0/1 masks on the teacher) and the check that scores belong to the
+model. The plan's on-disk form: docs/formats.md; why slicing by a plan equals the masked
+teacher: docs/masks.md.
 """
 
 from __future__ import annotations

@@ -1,13 +1,6 @@
-"""`minima prune`: structured pruning of a LLaMA-family model on five axes into a standard HF model.
-
-Two pure steps, then I/O:
-1. `resolve_target(teacher shape, --shape/--params/--ratio) -> student shape`
-2. `plan_prune(scores, teacher shape, student shape, priority) -> PrunePlan` (kept indices per axis)
-3. `prune_checkpoint(source, plan, out)`: stream every tensor through `slice_tensor` into new
-   safetensors shards, write the shrunk config, copy the tokenizer.
-
-The pruned model equals the teacher run with the plan's masks at 0 (see masks.py for the hidden
-dim semantics), which the tests check on every axis.
+"""Target shapes for `minima prune`: parse `--shape`, split heads into kept kv groups so GQA stays a
+standard config, and solve a student shape from `--params` / `--ratio` by symmetric shaping (every
+free width axis scaled by one factor, rounded to `multiple_of`). Pure: shapes and numbers only.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""`minima prune`: structured pruning of a LLaMA-family model on five axes into a standard HF model.
-
-Two pure steps, then I/O:
-1. `resolve_target(teacher shape, --shape/--params/--ratio) -> student shape`
-2. `plan_prune(scores, teacher shape, student shape, priority) -> PrunePlan` (kept indices per axis)
-3. `prune_checkpoint(source, plan, out)`: stream every tensor through `slice_tensor` into new
-   safetensors shards, write the shrunk config, copy the tokenizer.
-
-The pruned model equals the teacher run with the plan's masks at 0 (see masks.py for the hidden
-dim semantics), which the tests check on every axis.
+"""Write a pruned checkpoint: route every teacher tensor through a `PrunePlan` (`TensorRouter`:
+student name, kept rows, kept columns), read only the kept rows, and stream the result into new
+safetensors shards with the shrunk config and the tokenizer files, so memory stays near one
+chunk of the largest tensor. The result equals the teacher run with the plan's masks at 0
+(docs/masks.md), which tests/test_prune.py checks on every axis.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Checkpoints on disk: resolve and load models (HF safetensors dirs or GGUF files), fingerprint
-them, write outputs atomically with a `minima.json` manifest, and stream safetensors tensor by
-tensor so pruning a 7B model needs little more memory than its largest tensor.
-
-Security: weights load from safetensors (or GGUF) only; pickle checkpoints are refused and
-`trust_remote_code` stays off unless the caller asks for it.
+"""Safetensors at the byte level: parse a file's header into `TensorSpec`s, read chosen rows of a
+tensor straight from the file (`preadv`), and write a file one tensor, or one row chunk, at a
+time (`SafetensorsStreamWriter`), so no more than a chunk is held in memory.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Recipes and `minima run`: validation, stamps, running, dry runs, memory estimates, reports."""

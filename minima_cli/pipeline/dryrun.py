@@ -1,27 +1,7 @@
-"""`minima run RECIPE`: every stage of a recipe into `workdir/<stage>/`, redoing only what is stale.
-
-A stage is up to date when its `minima.json` carries the hash this run would give it: the hash of
-the stage's options (with `${STAGE}` references, not absolute paths, so a workdir can move) and of
-its inputs' contents (model fingerprints, data and file hashes). A finished stage is stamped with
-that hash (`"recipe"` in its manifest); anything else is stale and runs again, replacing its output
-atomically. A training stage killed mid-way resumes from `workdir/<stage>.run/` when the hash it
-started under (`recipe-hash` there) is the current one; otherwise its leftovers are discarded.
-
-`--dry-run` prints the plan instead: each stage's status, the teacher and student shapes with
-their parameter counts, per-GPU memory estimates for ZeRO-2 and ZeRO-3 and the token budget.
-
-Memory per GPU (N GPUs, student P and teacher T parameters; bf16: 2-byte weights and grads and
-12 bytes of fp32 master weights + Adam moments; fp32: 4 + 4 + 8):
-- ZeRO-2: weights replicated, grads and optimizer states partitioned: `2P + (2 + 12)P / N`;
-  the teacher's bf16 weights replicated: `2T`.
-- ZeRO-3: everything partitioned: `16P / N`, teacher `2T / N`.
-- Activations of one micro-batch of b x s tokens (2 bytes a value), per layer and token
-  `4h + 3q + 3kv + 4f` values (norm inputs/outputs, q/k/v before and after RoPE, the attention
-  context, gate/up/act/product; q = heads x head_dim, kv = kv_heads x head_dim): all layers
-  without gradient checkpointing; with it, each layer's input (h) plus one layer recomputed.
-  Plus the logits: student logits, their gradient and the teacher's, `3 b s V`.
-Not counted: the CUDA context and allocator fragmentation (~1-3 GB), communication buckets, the
-teacher's transient activations (no grad, freed layer by layer).
+"""`minima run RECIPE --dry-run`: the plan, without running anything: each stage's status (up to
+date, resume, stale, run), the teacher and student shapes with their parameter counts, the
+per-GPU memory under ZeRO-2 and ZeRO-3 (pipeline/memory.py) and each training stage's token
+budget.
 """
 
 from __future__ import annotations
@@ -35,9 +15,10 @@ from rich.table import Table
 from minima_cli.errors import MinimaError
 from minima_cli.model.arch import ModelShape, count_parameters
 from minima_cli.pipeline.memory import activation_bytes, gigabytes, token_budget, zero_memory
-from minima_cli.pipeline.recipe import TRAINING, Recipe, references, training_config
-from minima_cli.pipeline.run import HASH_FILE, select_stages, training_run_dir
+from minima_cli.pipeline.recipe import Recipe, references, stage_config
+from minima_cli.pipeline.run import HASH_FILE, select_stages, stage_run_dir
 from minima_cli.pipeline.stamps import current_hash, read_stamp
+from minima_cli.stages import TRAINING
 from minima_cli.units import format_count
 
 
@@ -84,7 +65,7 @@ def dry_run_status(recipe: Recipe, stage: str, force: bool) -> str:
         return "run (inputs not built yet)"
     if stamp and stamp.get("hash") == digest:
         return "run (forced)" if force else "up to date"
-    run_dir = training_run_dir(recipe, stage)
+    run_dir = stage_run_dir(recipe, stage)
     if stage in TRAINING and (run_dir / HASH_FILE).is_file() and \
             (run_dir / HASH_FILE).read_text().strip() == digest:
         return "resume"
@@ -105,7 +86,7 @@ def stage_summary(recipe: Recipe, stage: str) -> str:
         target += f" ratio={o['ratio']}" if o["ratio"] else ""
         return f"{target.strip()} ({o['priority']}, layers: {o['layer_selection']})"
     if stage in TRAINING:
-        length = (f"{format_count(o['max_tokens'])} tokens" if o["max_tokens"] else
+        length = (f"{format_count(o['max_tokens'])} tokens" if o.get("max_tokens") else
                   f"{o['max_steps']} steps" if o["max_steps"] else f"{o['epochs']:g} epochs")
         what = f"{o['loss']} KD, alpha {o['alpha']:g}" if stage == "distill" or o["teacher"] \
             else "assistant-token CE"
@@ -153,7 +134,7 @@ def training_plan(recipe: Recipe, stage: str, teacher: ModelShape | None,
                   student: ModelShape | None) -> list[Any]:
     """Token budget and memory estimate lines/tables of one training stage."""
     options = recipe.stages[stage]
-    config = training_config(stage, options, recipe.hardware)
+    config = stage_config(stage, options, recipe.hardware)
     world = recipe.world_size
     parts: list[Any] = []
     hw = recipe.hardware

@@ -1,14 +1,4 @@
-"""`minima run RECIPE`: every stage of a recipe into `workdir/<stage>/`, redoing only what is stale.
-
-A stage is up to date when its `minima.json` carries the hash this run would give it: the hash of
-the stage's options (with `${STAGE}` references, not absolute paths, so a workdir can move) and of
-its inputs' contents (model fingerprints, data and file hashes). A finished stage is stamped with
-that hash (`"recipe"` in its manifest); anything else is stale and runs again, replacing its output
-atomically. A training stage killed mid-way resumes from `workdir/<stage>.run/` when the hash it
-started under (`recipe-hash` there) is the current one; otherwise its leftovers are discarded.
-
-`--dry-run` prints the plan instead: each stage's status, the teacher and student shapes with
-their parameter counts, per-GPU memory estimates for ZeRO-2 and ZeRO-3 and the token budget.
+"""Per-GPU memory estimates of a training stage for `minima run --dry-run`; pure arithmetic.
 
 Memory per GPU (N GPUs, student P and teacher T parameters; bf16: 2-byte weights and grads and
 12 bytes of fp32 master weights + Adam moments; fp32: 4 + 4 + 8):

@@ -24,8 +24,6 @@ integer`; unknown keys get a did-you-mean.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import json
 import math
 import re
@@ -34,32 +32,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minima_cli.data.read import looks_like_hub_name
 from minima_cli.errors import MinimaError
+from minima_cli.options import OptionError, Spec, did_you_mean, options_of
+from minima_cli.options import validate as validate_options
+from minima_cli.stages import MODEL_NAMES, MODEL_STAGES, TRAINING
+from minima_cli.stages import PIPELINE as STAGES
+from minima_cli.stages import STAGES as REGISTRY
 
-STAGES = ("tiny", "score", "prune", "distill", "sft", "eval")
-
-
-MODEL_STAGES = ("prune", "distill", "sft")  # stages whose output is a model
-
-
-MODEL_NAMES = {"teacher": "teacher", "prune": "pruned", "distill": "distilled", "sft": "sft"}
-
-
-# Settings of every training stage, given once under `hardware:`.
+# Recipe keys whose value comes from the recipe's `hardware:` section (every training stage).
 HARDWARE_KEYS = ("precision", "gradient_checkpointing", "deepspeed")
 
-
-# Per stage: its input keys and what they hold (how they are fingerprinted).
-INPUTS = {
-    "tiny": {},
-    "score": {"model": "model", "data": "data"},
-    "prune": {"model": "model", "scores": "dir"},
-    "distill": {"teacher": "model", "student": "model", "data": "data", "teacher_cache": "dir"},
-    "sft": {"model": "model", "data": "data", "valid_data": "data", "teacher": "model"},
-    "eval": {"models": "models", "tasks": "tasks"},
-}
-TRAINING = ("distill", "sft")
-DISTRIBUTED = ("score", "distill", "sft")  # stages that run under torchrun / accelerate launch
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -69,16 +52,6 @@ class Invalid(Exception):
     def __init__(self, message: str, subkey: str | None = None):
         super().__init__(message)
         self.subkey = subkey
-
-
-@dataclass(frozen=True)
-class Field:
-    """One recipe key: its kind (see `check_value`), default and bounds."""
-
-    kind: str
-    default: Any = None
-    low: float | None = None
-    choices: tuple[str, ...] = ()
 
 
 def references(value: Any) -> list[str]:
@@ -115,12 +88,6 @@ def package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def looks_like_hub_name(text: str) -> bool:
-    from minima_cli.data.read import _looks_like_hub_name
-
-    return _looks_like_hub_name(text)
 
 
 def yaml_number(value: Any) -> Any:
@@ -273,7 +240,7 @@ def model_config(values: dict[str, Any]) -> Any:
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def check_value(spec: Field, value: Any) -> Any:
+def check_value(spec: Spec, value: Any) -> Any:
     """The value, normalised, or `Invalid` with a message that needs only the key in front."""
     kind = spec.kind
     if kind == "int":
@@ -333,115 +300,70 @@ def check_value(spec: Field, value: Any) -> Any:
     raise AssertionError(f"unknown field kind {kind}")
 
 
-def did_you_mean(key: str, options: Any) -> str:
-    close = difflib.get_close_matches(key, [str(o) for o in options], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def int_field(default: int) -> Field:
-    return Field("int", default, low=1 if default >= 1 else 0)
+def key_spec(kind: str, default: Any = None, low: float | None = None,
+          choices: tuple[str, ...] = ()) -> tuple[Spec, Any]:
+    """A recipe-level key (top level or `hardware:`): its spec and default."""
+    return Spec(help="", kind=kind, low=low, choices=choices), default
 
 
 TOP = {
-    "workdir": Field("str"),
-    "description": Field("str"),
-    "seed": Field("int", 0, low=0),
-    "teacher": Field("model"),
-    "teacher_config": Field("config"),
-    "data": Field("data"),
-    "text_field": Field("str", "text"),
+    "workdir": key_spec("str"),
+    "description": key_spec("str"),
+    "seed": key_spec("int", 0, low=0),
+    "teacher": key_spec("model"),
+    "teacher_config": key_spec("config"),
+    "data": key_spec("data"),
+    "text_field": key_spec("str", "text"),
 }
-
-
 HARDWARE = {
-    "nodes": int_field(1),
-    "gpus_per_node": int_field(1),
-    "gpu_memory": Field("memory"),
-    "deepspeed": Field("file"),
-    "precision": Field("choice", "auto", choices=("auto", "fp32", "bf16")),
-    "gradient_checkpointing": Field("bool", False),
-    "threads": Field("int", None, low=1),
-    "device": Field("str", "auto"),
+    "nodes": key_spec("int", 1, low=1),
+    "gpus_per_node": key_spec("int", 1, low=1),
+    "gpu_memory": key_spec("memory"),
+    "deepspeed": key_spec("file"),
+    "precision": key_spec("choice", "auto", choices=("auto", "fp32", "bf16")),
+    "gradient_checkpointing": key_spec("bool", False),
+    "threads": key_spec("int", None, low=1),
+    "device": key_spec("str", "auto"),
 }
+# Filled from the recipe's top level when a stage leaves them out (fill_inputs).
+INHERITED = ("seed", "text_field")
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+def stage_schema(stage: str) -> dict[str, tuple[Spec, Any]]:
+    """A stage's recipe keys: the options of its config (stages/configs.py) that a recipe sets
+    in the stage's section, i.e. all but the pipeline's own (output, hardware, CLI switches)."""
+    return {f.name: (spec, None if f.name in INHERITED else f.default)
+            for f, spec in options_of(REGISTRY[stage].config) if spec.source is None}
 
 
-TINY = {"seed": Field("int", None, low=0), "gqa": Field("bool", True),
-        "tied": Field("bool", True), "steps": int_field(200), "documents": Field("int", 2000, 10)}
+def stage_inputs(stage: str) -> dict[str, str]:
+    """A stage's input keys and what they hold (how `minima run` fingerprints them)."""
+    return {f.name: spec.input for f, spec in options_of(REGISTRY[stage].config) if spec.input}
 
 
-SCORE = {"model": Field("model"), "data": Field("data"), "batches": int_field(16),
-         "seq_len": int_field(512), "batch_size": int_field(4),
-         "method": Field("choice", "grad", choices=("grad", "activation")),
-         "text_field": Field("str"), "seed": Field("int", None, low=0),
-         "dtype": Field("choice", "auto", choices=DTYPES)}
+def unhashed_keys(stage: str) -> set[str]:
+    """Keys that do not decide a stage's output: input paths (their contents count instead, but
+    eval's task specs are settings too) and bookkeeping (intervals, logs, the DeepSpeed file)."""
+    return {f.name for f, spec in options_of(REGISTRY[stage].config)
+            if (spec.input and spec.input != "tasks") or not spec.hashed}
 
 
-PRUNE = {"model": Field("model"), "scores": Field("dir"), "shape": Field("shape"),
-         "params": Field("size"), "ratio": Field("fraction"),
-         "priority": Field("choice", "local", choices=("local", "global")),
-         "layer_selection": Field("choice", "auto", choices=("auto", "score", "units", "middle")),
-         "multiple_of": int_field(8)}
+def stage_config(stage: str, options: dict[str, Any], hardware: dict[str, Any],
+                 output: str | None = None) -> Any:
+    """The config of a stage from its recipe section plus `hardware:` (and its output dir)."""
+    values: dict[str, Any] = {}
+    for f, spec in options_of(REGISTRY[stage].config):
+        if spec.source == "hardware":
+            values[f.name] = hardware[f.name]
+        elif spec.source == "output":
+            values[f.name] = output
+        elif spec.source is None and options.get(f.name) is not None:
+            value = options[f.name]
+            if spec.kind == "shape" and isinstance(value, dict):
+                value = ",".join(f"{axis}={width}" for axis, width in value.items())
+            values[f.name] = value
+    return REGISTRY[stage].config(**values)
 
-
-EVAL = {"models": Field("models"), "tasks": Field("tasks"), "max_length": Field("int", None, 2),
-        "stride": Field("int", None, 1), "batch_size": int_field(8),
-        "limit": Field("int", None, 1),
-        "backend": Field("choice", "minima", choices=("minima", "lm-eval")),
-        "seed": Field("int", None, low=0), "dtype": Field("choice", "auto", choices=DTYPES)}
-
-
-def config_fields(config_class: type) -> dict[str, Field]:
-    """A training stage's keys from its config dataclass (DistillConfig, SftConfig), so a new
-    option there is a recipe key at once. `x: str | None` fields may be null."""
-    kinds = {"int": "int", "float": "float", "bool": "bool", "str": "str", "str | None": "str"}
-    fields = {}
-    for f in dataclasses.fields(config_class):
-        if f.name in HARDWARE_KEYS:
-            continue
-        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
-        default = None if f.name == "seed" else f.default
-        low = (1 if default >= 1 else 0) if kind == "int" and default is not None else \
-            0 if kind == "float" else None
-        fields[f.name] = Field(kind, default, low=low)
-    return fields
-
-
-def stage_schema(stage: str) -> dict[str, Field]:
-    if stage == "distill":
-        from minima_cli.stages.configs import DistillConfig
-
-        return {"teacher": Field("model"), "student": Field("model"), "data": Field("data"),
-                "teacher_cache": Field("dir"), "text_field": Field("str"),
-                **config_fields(DistillConfig)}
-    if stage == "sft":
-        from minima_cli.stages.configs import SftConfig
-
-        return {"model": Field("model"), "data": Field("chat"), "valid_data": Field("chat"),
-                "teacher": Field("model"), **config_fields(SftConfig)}
-    return {"tiny": TINY, "score": SCORE, "prune": PRUNE, "eval": EVAL}[stage]
-
-
-def training_config(stage: str, options: dict[str, Any], hardware: dict[str, Any]) -> Any:
-    """The DistillConfig / SftConfig of a training stage: its section plus `hardware:`."""
-    if stage == "distill":
-        from minima_cli.stages.configs import DistillConfig as config_class
-    else:
-        from minima_cli.stages.configs import SftConfig as config_class
-    names = {f.name for f in dataclasses.fields(config_class)}
-    values = {key: value for key, value in options.items() if key in names}
-    values.update({key: hardware[key] for key in HARDWARE_KEYS})
-    return config_class(**values)
-
-
-def option_named_in(message: str, options: dict[str, Any]) -> str | None:
-    """The option a config check's message is about: its `--flag`, else the first option name
-    among its words ("unknown loss 'x'" -> loss)."""
-    flags = [f.replace("-", "_") for f in re.findall(r"--([a-z][a-z-]*)", message)]
-    words = re.findall(r"[a-z_]+", message.replace("-", "_"))
-    return next((w for w in flags + words if w in options), None)
 
 
 @dataclass
@@ -487,25 +409,26 @@ class Checker:
         source = "--set" if prefixes & self.overridden else str(self.path)
         return MinimaError(f"{source}: {key}: {message}")
 
-    def section(self, raw: Any, schema: dict[str, Field], prefix: str) -> dict[str, Any]:
+    def section(self, raw: Any, schema: dict[str, tuple[Spec, Any]], prefix: str
+                ) -> dict[str, Any]:
         """Every key of `schema` (defaults filled in) from the mapping `raw`."""
         if raw is None or raw is True:
             raw = {}
         if not isinstance(raw, dict):
             raise self.fail(prefix, "must be a mapping of options")
-        values = {name: spec.default for name, spec in schema.items()}
+        values = {name: default for name, (_, default) in schema.items()}
         for key, value in raw.items():
             name = str(key).replace("-", "_")
             where = f"{prefix}.{key}" if prefix else str(key)
             if name not in schema:
-                if name in HARDWARE_KEYS and prefix in ("distill", "sft"):
+                if name in HARDWARE_KEYS and prefix in TRAINING:
                     raise self.fail(where, "set it under hardware: (it applies to every "
                                     "training stage)")
                 raise self.fail(where, f"unknown key{did_you_mean(name, schema)}")
             if value is None:
                 continue  # explicit null: the default
             try:
-                values[name] = check_value(schema[name], value)
+                values[name] = check_value(schema[name][0], value)
             except Invalid as error:
                 sub = error.subkey or ""
                 sub = sub if sub.startswith("[") or not sub else f".{sub}"
@@ -601,13 +524,13 @@ def validate(raw: dict[str, Any], path: Path, overridden: set[str] | frozenset =
                     teacher=top["teacher"], teacher_config=top["teacher_config"],
                     hardware=hardware, stages=stages, description=top["description"], raw=raw)
     fill_inputs(recipe, top, check)
-    for stage in ("distill", "sft"):
-        if stage in stages:
-            try:
-                training_config(stage, stages[stage], hardware).check()
-            except MinimaError as error:
-                name = option_named_in(str(error), stages[stage])
-                raise check.fail(f"{stage}.{name}" if name else stage, str(error)) from None
+    for stage, options in stages.items():
+        try:
+            validate_options(stage_config(stage, options, hardware,
+                                          str(recipe.stage_dir(stage))))
+        except OptionError as error:
+            where = "hardware" if error.option in HARDWARE_KEYS else stage
+            raise check.fail(f"{where}.{error.option}", str(error)) from None
     return recipe
 
 

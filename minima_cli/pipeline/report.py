@@ -14,13 +14,13 @@ Written atomically to `WORKDIR/report/` (report.md beside its images).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import MANIFEST, read_manifest
 from minima_cli.pipeline.recipe import MODEL_NAMES, MODEL_STAGES, STAGES
+from minima_cli.units import format_seconds
 
 REPORT_DIR = "report"
 
@@ -85,12 +85,6 @@ def stage_seconds(manifest: dict[str, Any]) -> float | None:
     if stamp.get("seconds") is not None:
         return stamp["seconds"]
     return manifest.get("wall_time_s")
-
-
-def format_seconds(seconds: float | None) -> str:
-    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
-        return "-"
-    return f"{seconds:.0f}s" if seconds < 600 else f"{seconds / 60:.1f}min"
 
 
 def format_metric(metric: str, value: float | None) -> str:

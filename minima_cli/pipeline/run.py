@@ -7,21 +7,8 @@ that hash (`"recipe"` in its manifest); anything else is stale and runs again, r
 atomically. A training stage killed mid-way resumes from `workdir/<stage>.run/` when the hash it
 started under (`recipe-hash` there) is the current one; otherwise its leftovers are discarded.
 
-`--dry-run` prints the plan instead: each stage's status, the teacher and student shapes with
-their parameter counts, per-GPU memory estimates for ZeRO-2 and ZeRO-3 and the token budget.
-
-Memory per GPU (N GPUs, student P and teacher T parameters; bf16: 2-byte weights and grads and
-12 bytes of fp32 master weights + Adam moments; fp32: 4 + 4 + 8):
-- ZeRO-2: weights replicated, grads and optimizer states partitioned: `2P + (2 + 12)P / N`;
-  the teacher's bf16 weights replicated: `2T`.
-- ZeRO-3: everything partitioned: `16P / N`, teacher `2T / N`.
-- Activations of one micro-batch of b x s tokens (2 bytes a value), per layer and token
-  `4h + 3q + 3kv + 4f` values (norm inputs/outputs, q/k/v before and after RoPE, the attention
-  context, gate/up/act/product; q = heads x head_dim, kv = kv_heads x head_dim): all layers
-  without gradient checkpointing; with it, each layer's input (h) plus one layer recomputed.
-  Plus the logits: student logits, their gradient and the teacher's, `3 b s V`.
-Not counted: the CUDA context and allocator fragmentation (~1-3 GB), communication buckets, the
-teacher's transient activations (no grad, freed layer by layer).
+`--dry-run` prints the plan instead (pipeline/dryrun.py: each stage's status, the shapes, the
+per-GPU memory of pipeline/memory.py and the token budget). Stage contracts: docs/stages.md.
 """
 
 from __future__ import annotations
@@ -29,10 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.rule import Rule
@@ -41,16 +26,15 @@ from rich.table import Table
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import MANIFEST
 from minima_cli.pipeline.recipe import (
-    DISTRIBUTED,
-    INPUTS,
     STAGES,
-    TRAINING,
     Recipe,
     references,
-    training_config,
+    stage_config,
+    stage_inputs,
 )
 from minima_cli.pipeline.stamps import current_hash, read_stamp, write_stamp
 from minima_cli.runtime import rank_and_world
+from minima_cli.stages import DISTRIBUTED, TRAINING, RunControl, run_stage
 
 HASH_FILE = "recipe-hash"
 
@@ -62,90 +46,12 @@ class StageRun:
     seconds: float | None = None
 
 
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return None if name == "auto" else getattr(torch, name)
-
-
-def run_tiny(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
-             progress: bool) -> None:
-    from minima_cli.fsutil import atomic_output_dir, write_manifest
-    from minima_cli.stages.tiny import build_tiny_world
-
-    config = {k: options[k] for k in ("seed", "gqa", "tied", "steps", "documents")}
-    with atomic_output_dir(output, force=True) as tmp:
-        summary = build_tiny_world(tmp, seed=config["seed"], gqa=config["gqa"],
-                                   tied=config["tied"], n_documents=config["documents"],
-                                   steps=config["steps"], progress=progress)
-        summary = {k: (v.replace(str(tmp), str(output)) if isinstance(v, str) else v)
-                   for k, v in summary.items()}
-        write_manifest(tmp, "tiny", config=config, metrics=summary,
-                       wall_time_s=summary["seconds"])
-
-
-def run_score_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
-                    progress: bool) -> None:
-    from minima_cli.stages.score import run_score
-
-    run_score(model_path=options["model"], data=options["data"], output=output,
-              batches=options["batches"], seq_len=options["seq_len"],
-              batch_size=options["batch_size"], method=options["method"],
-              text_field=options["text_field"], seed=options["seed"],
-              dtype=torch_dtype(options["dtype"]), device=recipe.hardware["device"], force=True,
-              progress=progress)
-
-
-def run_prune_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
-                    progress: bool) -> None:
-    from minima_cli.stages.prune import run_prune
-
-    shape = options["shape"]
-    run_prune(model_path=options["model"], output=output, scores_path=options["scores"],
-              shape=",".join(f"{k}={v}" for k, v in shape.items()) if shape else None,
-              params=options["params"], ratio=options["ratio"], priority=options["priority"],
-              layer_selection=options["layer_selection"], multiple_of=options["multiple_of"],
-              force=True, progress=progress)
-
-
-def run_distill_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
-                      progress: bool) -> None:
-    from minima_cli.stages.distill import run_distill
-
-    run_distill(teacher_path=options["teacher"], student_path=options["student"],
-                data=options["data"], output=output,
-                config=training_config("distill", options, recipe.hardware), resume=resume,
-                force=True, progress=progress, text_field=options["text_field"],
-                teacher_cache=options["teacher_cache"])
-
-
-def run_sft_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
-                  progress: bool) -> None:
-    from minima_cli.stages.sft import run_sft
-
-    run_sft(model_path=options["model"], data=options["data"], output=output,
-            config=training_config("sft", options, recipe.hardware),
-            teacher_path=options["teacher"], valid_data=options["valid_data"], resume=resume,
-            force=True, progress=progress)
-
-
-def run_eval_stage(recipe: Recipe, options: dict[str, Any], output: Path, resume: bool,
-                   progress: bool) -> None:
-    from minima_cli.stages.configs import EvalConfig
-    from minima_cli.stages.evaluate import run_eval
-
-    config = EvalConfig(backend=options["backend"], max_length=options["max_length"],
-                        stride=options["stride"], batch_size=options["batch_size"],
-                        limit=options["limit"], seed=options["seed"])
-    run_eval(models=options["models"], tasks=options["tasks"], config=config, output=output,
-             force=True, dtype=torch_dtype(options["dtype"]), device=recipe.hardware["device"],
-             progress=progress)
-
-
-RUNNERS: dict[str, Callable[..., None]] = {
-    "tiny": run_tiny, "score": run_score_stage, "prune": run_prune_stage,
-    "distill": run_distill_stage, "sft": run_sft_stage, "eval": run_eval_stage,
-}
+def run_stage_of(recipe: Recipe, stage: str, output: Path, resume: bool, progress: bool) -> None:
+    """One stage of a recipe through the registry: its section (references resolved) and the
+    recipe's hardware as the stage's config, written to workdir/<stage>."""
+    config = stage_config(stage, recipe.resolve(recipe.stages[stage]), recipe.hardware,
+                          str(output))
+    run_stage(stage, config, RunControl(force=True, resume=resume, progress=progress))
 
 
 def select_stages(recipe: Recipe, start: str | None, stop: str | None) -> list[str]:
@@ -167,17 +73,18 @@ def preflight(recipe: Recipe, selected: list[str]) -> None:
     """Before any work: what the selected stages read from outside the pipeline must be on disk
     (models locally: minima loads no model from the hub), and the outputs of stages before
     --from must exist."""
+    from minima_cli.data.read import looks_like_hub_name
     from minima_cli.data.sources import parse_sources
     from minima_cli.model.checkpoint import resolve_model
-    from minima_cli.pipeline.recipe import looks_like_hub_name, stage_schema
+    from minima_cli.pipeline.recipe import stage_schema
 
     for stage in selected:
         options, schema = recipe.stages[stage], stage_schema(stage)
-        for key in INPUTS[stage]:
+        for key in stage_inputs(stage):
             value = options.get(key)
             if value is None:
                 continue
-            kind = schema[key].kind
+            kind = schema[key][0].kind
             items = [m.partition("=")[2] for m in value] if kind == "models" else \
                 [s.path_or_name for s in parse_sources(value)] if kind == "data" else \
                 [] if kind == "tasks" else [value]
@@ -204,7 +111,7 @@ def preflight(recipe: Recipe, selected: list[str]) -> None:
                     raise MinimaError(f"{recipe.path}: {stage}.{key}: not found: {path}")
 
 
-def training_run_dir(recipe: Recipe, stage: str) -> Path:
+def stage_run_dir(recipe: Recipe, stage: str) -> Path:
     return recipe.workdir / f"{stage}.run"
 
 
@@ -215,7 +122,7 @@ def resume_decision(recipe: Recipe, stage: str, digest: str, is_main: bool) -> b
 
     if stage not in TRAINING:
         return False
-    run_dir = training_run_dir(recipe, stage)
+    run_dir = stage_run_dir(recipe, stage)
     marker = run_dir / HASH_FILE
     started = marker.read_text().strip() if marker.is_file() else None
     has_checkpoints = bool(list_checkpoints(run_dir / "checkpoints"))
@@ -272,8 +179,7 @@ def run_recipe(recipe: Recipe, *, start: str | None = None, stop: str | None = N
         if is_main:
             console.print(Rule(f"{stage} ({reason}) -> {output}"))
         started = time.perf_counter()
-        options = recipe.resolve(recipe.stages[stage])
-        RUNNERS[stage](recipe, options, output, resume, progress)
+        run_stage_of(recipe, stage, output, resume, progress)
         seconds = time.perf_counter() - started
         if is_main:
             write_stamp(output, {"hash": digest, "recipe": str(recipe.path),

@@ -1,27 +1,7 @@
-"""`minima run RECIPE`: every stage of a recipe into `workdir/<stage>/`, redoing only what is stale.
-
-A stage is up to date when its `minima.json` carries the hash this run would give it: the hash of
-the stage's options (with `${STAGE}` references, not absolute paths, so a workdir can move) and of
-its inputs' contents (model fingerprints, data and file hashes). A finished stage is stamped with
-that hash (`"recipe"` in its manifest); anything else is stale and runs again, replacing its output
-atomically. A training stage killed mid-way resumes from `workdir/<stage>.run/` when the hash it
-started under (`recipe-hash` there) is the current one; otherwise its leftovers are discarded.
-
-`--dry-run` prints the plan instead: each stage's status, the teacher and student shapes with
-their parameter counts, per-GPU memory estimates for ZeRO-2 and ZeRO-3 and the token budget.
-
-Memory per GPU (N GPUs, student P and teacher T parameters; bf16: 2-byte weights and grads and
-12 bytes of fp32 master weights + Adam moments; fp32: 4 + 4 + 8):
-- ZeRO-2: weights replicated, grads and optimizer states partitioned: `2P + (2 + 12)P / N`;
-  the teacher's bf16 weights replicated: `2T`.
-- ZeRO-3: everything partitioned: `16P / N`, teacher `2T / N`.
-- Activations of one micro-batch of b x s tokens (2 bytes a value), per layer and token
-  `4h + 3q + 3kv + 4f` values (norm inputs/outputs, q/k/v before and after RoPE, the attention
-  context, gate/up/act/product; q = heads x head_dim, kv = kv_heads x head_dim): all layers
-  without gradient checkpointing; with it, each layer's input (h) plus one layer recomputed.
-  Plus the logits: student logits, their gradient and the teacher's, `3 b s V`.
-Not counted: the CUDA context and allocator fragmentation (~1-3 GB), communication buckets, the
-teacher's transient activations (no grad, freed layer by layer).
+"""Recipe stamps: the hash a stage gets in `minima run` (its hashed options with `${STAGE}`
+references, not absolute paths, so a workdir can move; its inputs' content fingerprints; for
+training stages precision, gradient checkpointing and world size) and the `recipe` stamp in its
+`minima.json` that marks it up to date (docs/formats.md).
 """
 
 from __future__ import annotations
@@ -34,7 +14,8 @@ from typing import Any
 
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import MANIFEST, file_sha256, read_manifest
-from minima_cli.pipeline.recipe import INPUTS, TRAINING, Recipe
+from minima_cli.pipeline.recipe import Recipe, stage_inputs, unhashed_keys
+from minima_cli.stages import TRAINING
 
 
 def directory_fingerprint(path: Path) -> str:
@@ -76,13 +57,9 @@ def input_fingerprint(kind: str, value: Any) -> Any:
 def hashed_options(stage: str, options: dict[str, Any]) -> dict[str, Any]:
     """What of a stage's options decides its output: not the input paths (their contents count),
     not training's bookkeeping (checkpoint and eval intervals, logs, the DeepSpeed file)."""
-    from minima_cli.training.config import UNHASHED_FIELDS
-
-    kept = {k: v for k, v in options.items() if k not in INPUTS[stage] or k in ("tasks",)}
+    kept = {k: v for k, v in options.items() if k not in unhashed_keys(stage)}
     if stage == "eval":
         kept["models"] = [m.partition("=")[0] for m in options["models"]]
-    if stage in TRAINING:
-        kept = {k: v for k, v in kept.items() if k not in UNHASHED_FIELDS}
     return kept
 
 
@@ -105,7 +82,7 @@ def stage_options(recipe: Recipe, stage: str) -> dict[str, Any]:
 def current_hash(recipe: Recipe, stage: str) -> str:
     options = stage_options(recipe, stage)
     fingerprints = {key: input_fingerprint(kind, recipe.resolve(options.get(key)))
-                    for key, kind in INPUTS[stage].items()}
+                    for key, kind in stage_inputs(stage).items()}
     return stage_hash(stage, hashed_options(stage, options), fingerprints)
 
 

@@ -1,14 +1,7 @@
-"""`minima cache-teacher`: the teacher's top-k log-probs for every training token, on disk, so
-`minima distill --teacher-cache DIR` trains without the teacher in memory (or on another machine).
-
-Layout of the cache directory (written atomically):
-- `source-<i>-<shard>.safetensors`: `logprobs` float16 `[blocks, seq_len, k]` (log_softmax of the
-  teacher's logits at T = 1, over the tokenizer's real vocabulary) and `indices` int32, for the
-  training blocks `[first, first + blocks)` of data source i, in block order;
-- `minima.json`: the teacher and data fingerprints, k, seq_len and the shard table.
-A block is looked up by (source, row), the key `MixedBlockStream.last_picks` reports, so any data
-order (seed, mixture weights, resume) reads the right rows. The cache is tied to the prepared
-data (tokenizer, seq_len, seed, split): distill refuses a cache made for other data.
+"""`minima cache-teacher`: prepare the data exactly as `minima distill` will (same seq_len, seed and
+split) and store the teacher's top-k log-probs for every training block (data/teacher_cache.py;
+layout in docs/formats.md), so `minima distill --teacher-cache DIR --loss topk` trains without
+the teacher in memory (or on another machine).
 """
 
 from __future__ import annotations
@@ -29,6 +22,8 @@ from minima_cli.model.checkpoint import (
     model_fingerprint,
     resolve_model,
 )
+from minima_cli.stages import RunControl
+from minima_cli.stages.configs import CacheTeacherConfig
 
 
 def run_cache_teacher(*, teacher_path: str, data: str, output: Path, seq_len: int, k: int,
@@ -67,3 +62,13 @@ def run_cache_teacher(*, teacher_path: str, data: str, output: Path, seq_len: in
             shards=shards, wall_time_s=time.perf_counter() - start,
             metrics={"tokens": sum(s["blocks"] for s in shards) * seq_len})
     return manifest
+
+
+def run(config: CacheTeacherConfig, control: RunControl) -> dict[str, Any]:
+    return run_cache_teacher(teacher_path=config.teacher, data=config.data,
+                             output=Path(config.output), seq_len=config.seq_len, k=config.k,
+                             seed=config.seed, valid_fraction=config.valid_fraction,
+                             batch_size=config.batch_size,
+                             blocks_per_shard=config.blocks_per_shard, dtype=config.dtype,
+                             text_field=config.text_field, force=control.force,
+                             progress=control.progress)

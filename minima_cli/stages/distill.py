@@ -5,8 +5,9 @@ Per micro-batch: the teacher's logits (forward under no_grad, or its top-k read 
 `alpha * CE + (1 - alpha) * KD` (losses.py) plus, optionally, `hidden_weight` times the MSE of
 mapped hidden states (for a pruned student: against the teacher's states on the kept hidden dims,
 which the prune manifest records). The loop itself (schedule, accumulation, checkpoints, exact
-resume, DeepSpeed ZeRO, logs) is train.py's. The final student is written atomically to OUTPUT as
-a standard HF directory; `OUTPUT.run/` (checkpoints, log, token cache) is removed on success.
+resume, DeepSpeed ZeRO, logs) is training/loop.py's. The final student is written atomically to
+OUTPUT as a standard HF directory; `OUTPUT.run/` (checkpoints, log, token cache) is removed on
+success. Losses: docs/losses.md; outputs, manifest and resume: docs/stages.md.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from minima_cli.model.checkpoint import (
     resolve_model,
 )
 from minima_cli.progress import console
+from minima_cli.stages import RunControl
 from minima_cli.stages.configs import DistillConfig
 from minima_cli.training.loop import (
     load_teacher,
@@ -236,3 +238,10 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
             wall_time_s=result.seconds)
 
     return save_final_model(session, result.model, output, force, run_dir, write_extra)
+
+
+def run(config: DistillConfig, control: RunControl) -> dict[str, Any] | None:
+    return run_distill(teacher_path=config.teacher, student_path=config.student,
+                       data=config.data, output=Path(config.output), config=config,
+                       resume=control.resume, force=control.force, progress=control.progress,
+                       text_field=config.text_field, teacher_cache=config.teacher_cache)

@@ -48,9 +48,12 @@ from typing import Any
 
 import torch
 
+from minima_cli.data.chat import IM_END, chat_prompt
+from minima_cli.data.read import read_documents, read_records
 from minima_cli.errors import MinimaError, first_line
 from minima_cli.progress import step_progress
 from minima_cli.runtime import resolve_device
+from minima_cli.stages import RunControl
 from minima_cli.stages.configs import EvalConfig
 
 TASK_KINDS = ("ppl", "mc", "gen", "lm-eval")
@@ -83,20 +86,11 @@ FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default between few-shot examples
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-# ChatML, used when a tokenizer carries no chat template of its own (the tiny world's tokenizer
-# reserves <|im_start|> / <|im_end|> for it).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
 DEFAULT_MAX_LENGTH = 2048  # cap on the default window: a 128k-context model on CPU is no default
 
 
 # Models this narrow run on one CPU thread: their matrices gain nothing from more, and on a busy
-# machine spinning OpenMP threads made the tiny teacher's evaluation 30x slower.
+# machine spinning OpenMP threads slow them down.
 SMALL_HIDDEN = 256
 
 
@@ -221,18 +215,6 @@ def infer_kind(path: Path) -> str:
     raise MinimaError(f"cannot tell what task {path} is: prefix it with ppl:, mc: or gen:")
 
 
-def read_records(path: Path) -> list[tuple[int, Any]]:
-    """(line number, record) for each non-blank line, or one clear line on a bad file."""
-    from minima_cli.data.read import read_jsonl  # the data layer's reader: same messages everywhere
-
-    try:
-        return list(read_jsonl(Path(path)))
-    except FileNotFoundError:
-        raise MinimaError(f"file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise MinimaError(f"{path}: not UTF-8 text") from None
-
-
 @dataclass(frozen=True)
 class McItem:
     question: str
@@ -245,8 +227,7 @@ def read_mc(path: str | Path) -> list[McItem]:
     """MMLU-style records; every problem (a missing field, an answer index out of range) is one
     line naming the file and line."""
     items = []
-    for lineno, record in read_records(Path(path)):
-        where = f"{path}:{lineno}"
+    for where, record in read_records(path):
         if not isinstance(record, dict):
             raise MinimaError(f"{where}: expected a JSON object")
         question, choices, answer = (record.get(k) for k in ("question", "choices", "answer"))
@@ -488,8 +469,7 @@ class GenItem:
 
 def read_gen(path: str | Path, tokenizer: Any) -> list[GenItem]:
     items = []
-    for lineno, record in read_records(Path(path)):
-        where = f"{path}:{lineno}"
+    for where, record in read_records(path):
         if not isinstance(record, dict):
             raise MinimaError(f"{where}: expected a JSON object")
         if "messages" in record:
@@ -518,14 +498,6 @@ def read_gen(path: str | Path, tokenizer: Any) -> list[GenItem]:
     return items
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The conversation so far plus the assistant's turn opener, by the tokenizer's chat template
-    (ChatML when it has none)."""
-    template = None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
-
-
 def match(output: str, answers: Sequence[str], mode: str) -> bool:
     """exact: the output (whitespace-stripped) equals an answer; contains: an answer occurs in
     it. Case-sensitive: the reference is what the model should say."""
@@ -538,7 +510,7 @@ def match(output: str, answers: Sequence[str], mode: str) -> bool:
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """EOS, and ChatML's end of turn when the vocabulary has it."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in ids:
         ids.append(im_end)
     return ids
@@ -787,8 +759,6 @@ def _limit(items: list, limit: int | None) -> list:
 
 def eval_ppl(model, tokenizer, spec: TaskSpec, max_length: int, stride: int, config: EvalConfig,
              progress: bool, count: Callable[[int], None]) -> dict[str, Any]:
-    from minima_cli.data.read import read_documents
-
     documents = _limit(read_documents(spec.target, spec.options.get("field", "text")),
                        config.limit)
     ids = document_stream(tokenizer, documents)
@@ -1003,3 +973,12 @@ def write_results(output: Path, results: dict[str, Any],
                        config=results["config"],
                        metrics={m["name"]: m["tasks"] for m in results["models"]},
                        wall_time_s=results["wall_time_s"])
+
+
+def run(config: EvalConfig, control: RunControl) -> dict[str, Any]:
+    from minima_cli.runtime import torch_dtype
+
+    return run_eval(models=config.models, tasks=config.tasks, config=config,
+                    output=Path(config.output) if config.output else None, force=control.force,
+                    dtype=torch_dtype(config.dtype), device=config.device,
+                    progress=control.progress)

@@ -1,13 +1,14 @@
 """`minima prune`: structured pruning of a LLaMA-family model on five axes into a standard HF model.
 
 Two pure steps, then I/O:
-1. `resolve_target(teacher shape, --shape/--params/--ratio) -> student shape`
-2. `plan_prune(scores, teacher shape, student shape, priority) -> PrunePlan` (kept indices per axis)
-3. `prune_checkpoint(source, plan, out)`: stream every tensor through `slice_tensor` into new
-   safetensors shards, write the shrunk config, copy the tokenizer.
+1. `model.shapes.resolve_target(teacher shape, --shape/--params/--ratio) -> student shape`
+2. `model.selection.plan_prune(scores, teacher shape, student shape, priority) -> PrunePlan`
+   (kept indices per axis)
+3. `model.slicing.prune_checkpoint(source, plan, out)`: stream every tensor through the plan into
+   new safetensors shards, write the shrunk config, copy the tokenizer.
 
-The pruned model equals the teacher run with the plan's masks at 0 (see masks.py for the hidden
-dim semantics), which the tests check on every axis.
+The pruned model equals the teacher run with the plan's masks at 0 (docs/masks.md), which
+tests/test_prune.py checks on every axis. Outputs and manifest: docs/stages.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from minima_cli.model.scores import load_scores
 from minima_cli.model.selection import check_scores_match, plan_prune
 from minima_cli.model.shapes import parameter_table, parse_shape, resolve_target
 from minima_cli.model.slicing import prune_checkpoint
+from minima_cli.stages import RunControl
+from minima_cli.stages.configs import PruneConfig
 from minima_cli.units import parse_size
 
 
@@ -89,3 +92,11 @@ def run_prune(
         )
     result["wall_time_s"] = seconds
     return result
+
+
+def run(config: PruneConfig, control: RunControl) -> dict[str, Any]:
+    return run_prune(model_path=config.model, output=Path(config.output) if config.output else None,
+                     scores_path=config.scores, shape=config.shape, params=config.params,
+                     ratio=config.ratio, priority=config.priority,
+                     layer_selection=config.layer_selection, multiple_of=config.multiple_of,
+                     dry_run=config.dry_run, force=control.force, progress=control.progress)

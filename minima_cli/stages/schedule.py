@@ -1,4 +1,4 @@
-"""`minima schedule`: MiniDisc's teacher-assistant schedule (DESIGN.md section 5).
+"""`minima schedule`: MiniDisc's teacher-assistant schedule (outputs: docs/stages.md).
 
 A large teacher distils badly into a much smaller student (the capacity gap); an assistant of
 intermediate size in between can help: teacher -> assistant -> student. MiniDisc picks the
@@ -7,7 +7,7 @@ assistant without distilling every candidate:
 1. Candidates are the teacher pruned to sparsities s in {0, 10, ..., 90} u {85, 95} % (only those
    less sparse than the student count), all from one score ranking and *nested*: a narrower
    candidate's kept units are a subset of every wider one's, so one shared-weight network runs as
-   any candidate through 0/1 masks (masks.py), and the student is a subset of every candidate.
+   any candidate through 0/1 masks (model/masks.py), and the student is a subset of every candidate.
 2. The sandwich: one copy of the teacher's weights is trained once; each step, every candidate
    width (or, with `widths_per_step`, the largest, the smallest and random others, as sandwich
    rules do) runs under its masks against the frozen full teacher, and the step minimises the mean
@@ -64,8 +64,15 @@ from minima_cli.model.selection import PrunePlan, check_scores_match, plan_masks
 from minima_cli.model.shapes import resolve_target
 from minima_cli.model.slicing import prune_checkpoint
 from minima_cli.progress import step_progress
-from minima_cli.stages.configs import DistillConfig
-from minima_cli.stages.distill import run_distill
+from minima_cli.stages import RunControl
+from minima_cli.stages.configs import DistillConfig, ScheduleConfig
+from minima_cli.training.loop import (
+    LocalSession,
+    LossFn,
+    autocast,
+    load_teacher,
+    optimizer_step,
+)
 from minima_cli.training.state import adamw, evaluate_loss, learning_rate, parameter_groups
 from minima_cli.units import format_count
 
@@ -255,33 +262,56 @@ def sandwich_widths(n: int, per_step: int, rng: random.Random) -> list[int]:
     return [0, *sorted(rng.sample(range(1, n - 1), per_step - 2)), n - 1]
 
 
-def sandwich_step(model: torch.nn.Module, shape: ModelShape, widths: Sequence[Masks],
-                  batch: torch.Tensor, teacher_logits: torch.Tensor,
-                  config: DistillConfig, vocab_size: int) -> tuple[float, list[float]]:
-    """Accumulate the gradient of the mean over `widths` of the distillation loss of `model` run
-    under each width's masks; returns (mean loss, per-width losses). Each width is backpropagated
-    as soon as its loss is known (scaled by 1 / n), so one graph is alive at a time."""
+def sandwich_loss(shape: ModelShape, batch: torch.Tensor, teacher_logits: torch.Tensor,
+                  config: DistillConfig, vocab_size: int) -> LossFn:
+    """The loss function of one sandwich step, whose micro-batches are the step's widths: the
+    distillation loss of the model run under a width's masks on `batch`. The shared optimizer
+    step averages it over the widths and backpropagates each width as soon as its loss is
+    known, so one graph is alive at a time."""
     labels = next_token_labels(batch)
-    losses = []
-    for masks in widths:
+
+    def loss_fn(model: torch.nn.Module, masks: Masks) -> tuple[torch.Tensor, dict[str, Any]]:
         with masked(model, masks, shape):
             loss, _ = distillation_loss(
                 model(input_ids=batch).logits, teacher_logits, labels, alpha=config.alpha,
                 kind=config.loss, temperature=config.temperature, beta=config.beta,
                 vocab_size=vocab_size)
-            (loss / len(widths)).backward()
-        losses.append(loss.item())
-    return sum(losses) / len(losses), losses
+        return loss, {}
+
+    return loss_fn
+
+
+def sandwich_step(session: LocalSession, network: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, teacher: torch.nn.Module, shape: ModelShape,
+                  widths: Sequence[Masks], batch: torch.Tensor, config: DistillConfig,
+                  vocab_size: int, lr: float) -> tuple[float, list[float]]:
+    """One sandwich step on the session's device and precision: the frozen teacher's logits for
+    `batch`, then one optimizer step (learning rate `lr`, clipping at `config.clip`) on the mean
+    over `widths` of the distillation losses; returns (mean loss, per-width losses)."""
+    batch = batch.to(session.device)
+    with torch.no_grad(), autocast(session, session.precision == "bf16"):
+        teacher_logits = teacher(input_ids=batch).logits
+    stats = optimizer_step(session, network, optimizer,
+                           sandwich_loss(shape, batch, teacher_logits, config, vocab_size),
+                           widths, grad_accum=len(widths), lr=lr, clip=config.clip)
+    return sum(stats.losses) / len(stats.losses), stats.losses
 
 
 def train_sandwich(network: torch.nn.Module, teacher: torch.nn.Module, shape: ModelShape,
                    widths: Sequence[Masks], batches: Any, config: DistillConfig,
-                   vocab_size: int, widths_per_step: int = 0,
-                   progress: bool = False) -> list[float]:
+                   vocab_size: int, widths_per_step: int = 0, progress: bool = False, *,
+                   device: torch.device | str | None = None,
+                   precision: str = "auto") -> list[float]:
     """Train the shared `network` (a copy of the teacher) for `config.max_steps` sandwich steps
-    with AdamW on the warmup + cosine schedule of `minima distill`; returns the mean loss of
-    every step. `batches` yields `[batch, seq_len]` token blocks."""
+    with `minima distill`'s optimiser (AdamW and its parameter groups, warmup + decay, clipping
+    at `config.clip`, 0: none) on `device` (default: the GPU if there is one) in `precision`
+    (bf16: autocast); returns the mean loss of every step. `batches` yields `[batch, seq_len]`
+    token blocks; `network` and `teacher` are moved to the device."""
+    session = LocalSession(precision, device)
     optimizer = adamw(parameter_groups(network, config.weight_decay), config.lr)
+    network, optimizer = session.prepare(network, optimizer)
+    teacher = session.prepare_teacher(teacher)
+    widths = [masks.to(session.device) for masks in widths]
     warmup = math.ceil(config.warmup_ratio * config.max_steps)
     rng = random.Random(config.seed)
     history = []
@@ -292,17 +322,10 @@ def train_sandwich(network: torch.nn.Module, teacher: torch.nn.Module, shape: Mo
             lr = learning_rate(step, peak=config.lr, total_steps=config.max_steps,
                                warmup_steps=warmup, schedule=config.schedule,
                                min_ratio=config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             batch = next(batches)
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch).logits
             chosen = [widths[i] for i in sandwich_widths(len(widths), widths_per_step, rng)]
-            loss, _ = sandwich_step(network, shape, chosen, batch, teacher_logits, config,
-                                    vocab_size)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), config.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, _ = sandwich_step(session, network, optimizer, teacher, shape, chosen, batch,
+                                    config, vocab_size, lr)
             history.append(loss)
             bar.update(batch.numel(), loss=loss)
     network.eval()
@@ -374,23 +397,33 @@ def distil_chain(teacher: ModelSource, candidate: Candidate, student_plan: Prune
     source, plan = teacher, student_plan
     if candidate.sparsity > 0:
         assistant = work / "assistant"
-        run_distill(teacher_path=str(teacher),
-                    student_path=str(materialise(teacher, candidate.plan, work / "assistant-init")),
-                    data=data, output=assistant, config=config, progress=progress,
-                    text_field=text_field)
+        distil(config, teacher=str(teacher),
+               student=str(materialise(teacher, candidate.plan, work / "assistant-init")),
+               data=data, output=assistant, progress=progress, text_field=text_field)
         shutil.rmtree(work / "assistant-init")
         result.update(assistant=assistant, runs=1,
                       assistant_dev_loss=model_dev_loss(assistant, dev, config.batch_size))
         source, plan = resolve_model(assistant), relative_plan(candidate.plan, student_plan)
     student = work / "student"
-    run_distill(teacher_path=str(source),
-                student_path=str(materialise(source, plan, work / "student-init")), data=data,
-                output=student, config=config, progress=progress, text_field=text_field)
+    distil(config, teacher=str(source),
+           student=str(materialise(source, plan, work / "student-init")), data=data,
+           output=student, progress=progress, text_field=text_field)
     shutil.rmtree(work / "student-init")
     result.update(student=student, runs=result["runs"] + 1,
                   student_dev_loss=model_dev_loss(student, dev, config.batch_size),
                   seconds=time.perf_counter() - start)
     return result
+
+
+def distil(config: DistillConfig, *, teacher: str, student: str, data: str, output: Path,
+           progress: bool, text_field: str) -> None:
+    """One `minima distill` run, called through the stage registry (stages never import each
+    other)."""
+    from minima_cli.stages import RunControl, run_stage
+
+    run_stage("distill", replace(config, teacher=teacher, student=student, data=data,
+                                 output=str(output), text_field=text_field),
+              RunControl(progress=progress))
 
 
 def stage_config(config: DistillConfig) -> DistillConfig:
@@ -530,19 +563,26 @@ def run_schedule(*, teacher_path: str, scores_path: str, data: str, output: Path
 
 def sandwich_dev_losses(source: ModelSource, shape: ModelShape, candidates: Sequence[Candidate],
                         prepared: Any, dev: torch.Tensor, config: DistillConfig,
-                        vocab_size: int, widths_per_step: int,
-                        progress: bool) -> tuple[list[float], list[float]]:
+                        vocab_size: int, widths_per_step: int, progress: bool,
+                        device: torch.device | str | None = None) -> tuple[list[float],
+                                                                             list[float]]:
     """One sandwich run from the teacher's weights; (dev loss of each candidate, step losses).
     The teacher candidate is the real, frozen teacher; the others are read off the shared
-    network under their masks."""
+    network under their masks. It runs as `minima distill` would: on `device` (default: the GPU
+    if there is one) in `config.precision` (auto: bf16 where it is fast), the teacher loaded as
+    distill loads it (bf16 weights in a bf16 run), the dev losses under the same autocast."""
+    session = LocalSession(config.precision, device)
     torch.manual_seed(config.seed)
-    teacher = load_model(source).requires_grad_(False)
+    teacher = load_teacher(source, session)
     network = load_model(source)
-    masks = [plan_masks(c.plan, shape) for c in candidates]
+    masks = [plan_masks(c.plan, shape).to(session.device) for c in candidates]
     history = train_sandwich(network, teacher, shape, masks, prepared.stream(config.batch_size),
-                             config, vocab_size, widths_per_step, progress)
-    losses = [evaluate_loss(teacher, dev, config.batch_size)]
-    losses += [masked_dev_loss(network, shape, m, dev, config.batch_size) for m in masks[1:]]
+                             config, vocab_size, widths_per_step, progress,
+                             device=session.device, precision=session.precision)
+    dev = dev.to(session.device)
+    with autocast(session, session.precision == "bf16"):
+        losses = [evaluate_loss(teacher, dev, config.batch_size)]
+        losses += [masked_dev_loss(network, shape, m, dev, config.batch_size) for m in masks[1:]]
     return losses, history
 
 
@@ -594,3 +634,15 @@ def describe(candidates_rows: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]
     return [(f"{100 * r['asked_sparsity']:g}%", f"{100 * r['sparsity']:.1f}%",
              format_count(r["params"]), f"{r['P']:.4f}", f"{r['tradeoff']:.4f}",
              "<-" if r["chosen"] else "") for r in candidates_rows]
+
+
+def run(config: ScheduleConfig, control: RunControl) -> dict[str, Any]:
+    sparsities = parse_sparsities(config.sparsities) if config.sparsities is not None else ()
+    return run_schedule(
+        teacher_path=config.teacher, scores_path=config.scores, data=config.data,
+        output=Path(config.output), student_ratio=config.student_ratio,
+        student_params=config.student_params, lam=config.lam, sparsities=sparsities,
+        sandwich_steps=config.sandwich_steps, widths_per_step=config.sandwich_widths,
+        config=config.distill_config(), dev_data=config.dev_data, exhaustive=config.exhaustive,
+        plan_only=config.plan_only, force=control.force, progress=control.progress,
+        text_field=config.text_field)

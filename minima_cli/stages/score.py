@@ -25,12 +25,12 @@ from torch import nn
 
 from minima_cli.data.pack import pack_documents
 from minima_cli.data.read import read_documents
+from minima_cli.data.sources import DataSource, source_fingerprint
 from minima_cli.data.tokenize import tokenize_documents
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import (
     atomic_output_dir,
     check_output,
-    file_sha256,
     read_manifest,
     write_manifest,
 )
@@ -39,6 +39,9 @@ from minima_cli.model.checkpoint import load_config, load_model, model_fingerpri
 from minima_cli.model.masks import AXES, Masks, masked
 from minima_cli.model.scores import save_scores
 from minima_cli.progress import step_progress
+from minima_cli.runtime import rank_and_world
+from minima_cli.stages import RunControl
+from minima_cli.stages.configs import ScoreConfig
 
 METHODS = ("grad", "activation")
 
@@ -175,15 +178,6 @@ def all_reduce_sums(
     return totals, int(scalars[0].item()), float(scalars[1].item())
 
 
-def data_hash(source: str) -> str:
-    path = Path(source)
-    if path.is_file():
-        return file_sha256(path)
-    if path.is_dir():
-        return ",".join(file_sha256(f) for f in sorted(path.rglob("*")) if f.is_file())
-    return f"hub:{source}"
-
-
 def score_blocks(
     tokenizer: Any, documents: list[str], seq_len: int, n_blocks: int, seed: int
 ) -> torch.Tensor:
@@ -198,7 +192,7 @@ def score_blocks(
 
 def init_distributed() -> tuple[int, int]:
     """(rank, world size): joins the process group when launched by torchrun, else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if rank_and_world()[1] > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -270,6 +264,7 @@ def run_score(
         dist.barrier()
         return read_manifest(output)
     fingerprint = model_fingerprint(source)
+    data_identity = source_fingerprint(DataSource(data, text_field=text_field))
     with finish_barrier(world), atomic_output_dir(output, force=force) as tmp:
         save_scores(tmp, raw, {"model_fingerprint": fingerprint, "method": method})
         return write_manifest(
@@ -277,7 +272,7 @@ def run_score(
             "score",
             inputs={
                 "model": {"path": str(source), "fingerprint": fingerprint},
-                "data": {"source": str(data), "sha256": data_hash(data), "text_field": text_field},
+                "data": {"source": str(data), "sha256": data_identity, "text_field": text_field},
             },
             config={"method": method, "batches": n_batches, "seq_len": seq_len,
                     "batch_size": batch_size, "seed": seed, "dtype": str(model.dtype)},
@@ -286,3 +281,14 @@ def run_score(
                      "tokens_per_second": blocks.numel() / seconds},
             wall_time_s=seconds,
         )
+
+
+def run(config: ScoreConfig, control: RunControl) -> dict[str, Any]:
+    from minima_cli.runtime import torch_dtype
+
+    return run_score(model_path=config.model, data=config.data, output=Path(config.output),
+                     batches=config.batches, seq_len=config.seq_len,
+                     batch_size=config.batch_size, method=config.method,
+                     text_field=config.text_field, seed=config.seed,
+                     dtype=torch_dtype(config.dtype), device=config.device, force=control.force,
+                     progress=control.progress)

@@ -1,25 +1,10 @@
-"""`minima sft`: supervised fine-tuning on chat data, with the loss on assistant tokens only.
+"""`minima sft`: supervised fine-tuning on chat data with the loss on assistant tokens only,
+optionally distilled from a teacher (distill's losses, on the same tokens).
 
-Pipeline: records (`messages`, ShareGPT `conversations`, `prompt` + `response`/`completion`, or
-Alpaca `instruction` [+ `input`] + `output`; detected per record) -> messages -> text by the
-tokenizer's chat template (ChatML when it has none; that template is then saved with the model)
--> token ids with a mask that is 1 exactly on the assistant spans -> rows (one example per row,
-or examples packed whole into `seq_len` rows) -> a seeded, resumable stream of batches for the
-shared loop (train.py), optionally with a teacher (distill's losses, on assistant tokens only).
-
-Assistant spans: where the template marks them with `{% generation %}` (minima's ChatML does),
-those character spans; otherwise the template is rendered incrementally and each assistant turn
-spans from the end of the conversation before it (with the generation prompt) to the end of the
-conversation through it, trailing whitespace excluded. A token is an assistant token when it
-starts inside a span. The span covers the reply and the template's end-of-turn marker
-(`<|im_end|>`), so the model learns to stop.
-
-Packing: best-fit decreasing, never splitting an example; each example restarts its position ids
-at 0, from which transformers builds a block-diagonal causal mask (sdpa / eager / flex) or
-variable-length flash attention: packed examples never attend to each other. (Only without a KV
-cache: every forward here passes `use_cache=False`.) An example longer
-than `seq_len` is cut to its first `seq_len` tokens (counted in the manifest as `truncated`; one
-with no assistant token left is dropped and counted as `dropped`).
+The data side (record formats, chat templates and the ChatML default, assistant masks, packing,
+the resumable row stream) is data/chat.py; the loop, checkpoints and resume are
+training/loop.py's. Each micro-batch's loss is weighted by its share of the step's assistant
+tokens (docs/losses.md). Outputs and manifest: docs/stages.md.
 """
 
 from __future__ import annotations
@@ -60,6 +45,7 @@ from minima_cli.model.checkpoint import (
     model_fingerprint,
     resolve_model,
 )
+from minima_cli.stages import RunControl
 from minima_cli.stages.configs import SftConfig
 from minima_cli.training.loop import (
     load_teacher,
@@ -258,3 +244,9 @@ def save_chat_template(directory: Path, tokenizer: Any) -> None:
             eos.append(token_id)
     generation.eos_token_id = eos
     generation.save_pretrained(directory)
+
+
+def run(config: SftConfig, control: RunControl) -> dict[str, Any] | None:
+    return run_sft(model_path=config.model, data=config.data, output=Path(config.output),
+                   config=config, teacher_path=config.teacher, valid_data=config.valid_data,
+                   resume=control.resume, force=control.force, progress=control.progress)

@@ -15,6 +15,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -26,7 +27,16 @@ from minima_cli.errors import MinimaError
 from minima_cli.model.checkpoint import quiet_transformers
 from minima_cli.progress import step_progress
 from minima_cli.runtime import torch_threads
-from minima_cli.training.state import evaluate_loss
+from minima_cli.stages import RunControl
+from minima_cli.stages.configs import TinyConfig
+from minima_cli.training.loop import LocalSession, optimizer_step
+from minima_cli.training.state import (
+    adamw,
+    check_clip,
+    evaluate_loss,
+    lr_factor,
+    parameter_groups,
+)
 
 EOS = "<|endoftext|>"
 
@@ -493,12 +503,9 @@ def tiny_llama_config(
     )
 
 
-def _lr_factor(step: int, steps: int, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup to 1, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Plain next-token cross-entropy: pre-training's loss function for the shared step."""
+    return model(input_ids=batch, labels=batch).loss, {}
 
 
 def pretrain(
@@ -509,43 +516,44 @@ def pretrain(
     batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    clip: float = 1.0,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
     progress: bool = False,
 ) -> list[float]:
     """Train `model` as a causal LM on random `blocks` rows; returns the loss of every step.
 
-    AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only), 10 % linear warmup then cosine
-    decay, gradient clipping at 1.0. Batches come from a seeded generator, so the losses are
-    reproducible on one machine. Leaves the model in eval mode.
+    The optimizer step every training stage takes (training/loop.py `optimizer_step`) on
+    `device` in `precision` (bf16: autocast): AdamW (betas 0.9/0.95, weight decay 0.1 on matrices
+    only), 10 % linear warmup then cosine decay to 0.1 x `lr`, gradient clipping at `clip`
+    (0: none). Batches come from a seeded CPU generator, so the losses are reproducible on one
+    machine. Leaves the model on `device`, in eval mode.
     """
     if blocks.ndim != 2 or len(blocks) == 0:
         raise MinimaError(
             f"pretrain needs a non-empty [n_blocks, seq_len] tensor, got {blocks.shape}"
         )
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norms
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    check_clip(clip)
+    session = LocalSession(precision, device)
+    # PyTorch's default AdamW kernel, not minima's fused one: the tiny world's teacher (and so
+    # the demo's numbers) is pinned bitwise to it, and the fused kernel rounds differently.
+    optimizer = adamw(parameter_groups(model, weight_decay=0.1), lr, fused=False)
+    model, optimizer = session.prepare(model, optimizer)
     warmup = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, steps, warmup)
-    )
     generator = torch.Generator().manual_seed(seed)
 
     losses = []
     model.train()
     try:
         with step_progress("pretrain", steps, enabled=progress, loss=float("nan")) as bar:
-            for _ in range(steps):
+            for step in range(steps):
                 batch = blocks[torch.randint(len(blocks), (batch_size,), generator=generator)]
-                loss = model(input_ids=batch, labels=batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                # lr x factor, as torch's LambdaLR rounds it (not learning_rate's warmup rounding)
+                step_lr = lr * lr_factor(step, total_steps=steps, warmup_steps=warmup,
+                                         schedule="cosine", min_ratio=0.1)
+                stats = optimizer_step(session, model, optimizer, lm_loss, [batch],
+                                       grad_accum=1, lr=step_lr, clip=clip)
+                losses.append(stats.losses[0])
                 bar.update(batch.numel(), loss=losses[-1])
     finally:
         model.eval()
@@ -605,7 +613,9 @@ def build_tiny_world(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch_threads(1):
-        losses = pretrain(model, train_blocks, steps=steps, seed=seed, progress=progress)
+        # CPU and fp32 on every machine: the same teacher everywhere, bitwise on one machine
+        losses = pretrain(model, train_blocks, steps=steps, seed=seed, device="cpu",
+                          precision="fp32", progress=progress)
         valid_loss = evaluate_loss(model, valid_blocks)
 
     teacher_dir = output_dir / "teacher"
@@ -656,3 +666,19 @@ def build_tiny_world(
         "valid_perplexity": math.exp(valid_loss),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def run(config: TinyConfig, control: RunControl) -> dict[str, Any]:
+    """`minima tiny`: the tiny world into config.output, atomically, with its manifest."""
+    from minima_cli.fsutil import atomic_output_dir, write_manifest
+
+    output = Path(config.output)
+    with atomic_output_dir(output, force=control.force) as tmp:
+        summary = build_tiny_world(tmp, seed=config.seed, gqa=config.gqa, tied=config.tied,
+                                   n_documents=config.documents, steps=config.steps,
+                                   progress=control.progress)
+        summary = {k: (v.replace(str(tmp), str(output)) if isinstance(v, str) else v)
+                   for k, v in summary.items()}
+        settings = {k: getattr(config, k) for k in ("seed", "gqa", "tied", "steps", "documents")}
+        return write_manifest(tmp, "tiny", config=settings, metrics=summary,
+                              wall_time_s=summary["seconds"])

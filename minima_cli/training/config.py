@@ -1,99 +1,120 @@
-"""The training loop shared by `distill` and `sft`: one process, or many under torchrun /
-`accelerate launch` with DeepSpeed ZeRO-2/3.
-
-Per optimizer step: set the learning rate (warmup, then cosine/linear decay), run `grad_accum`
-micro-batches of `loss_fn(model, batch)` (bf16 autocast when asked), clip, step. Every
-`eval_every` steps the validation loss; every `save_every` steps an atomic checkpoint in
-`run_dir/checkpoints/` (the newest `keep_last` kept); every step a line in `run_dir/log.jsonl` and
-a TensorBoard scalar. A resumed run continues from the newest checkpoint exactly where it stopped:
-weights, optimizer, RNGs and the data position (identical on all ranks, see data.py).
-
-Two sessions drive the same loop:
-- `LocalSession` (one process, no DeepSpeed): plain PyTorch; checkpoints in minima's safetensors
-  format (train_state.py), which resume bitwise on CPU.
-- `AccelerateSession` (several processes or a DeepSpeed config): `accelerate` with a
-  `DeepSpeedPlugin`; checkpoints through `accelerator.save_state` (DeepSpeed's own files, since
-  ZeRO partitions the optimizer across ranks) written into a temp dir that rank 0 renames.
+"""What a training run can be asked for: `TrainConfig` (optimisation, schedule, checkpoints,
+precision) and `KDOptions` (the distillation losses), shared by distill and sft. Each field is an
+option declared once (options.py): flag, YAML key and recipe key. No torch here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass
 
-from minima_cli.errors import MinimaError
+from minima_cli.options import OptionError, option, unhashed
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("cosine", "linear", "constant")
 KD_LOSSES = ("fkl", "rkl", "jsd", "topk")
 TOPK_MODES = ("renorm", "tail")
-
-
-# Fields that change no weights: a resumed run may alter them.
-UNHASHED_FIELDS = ("keep_last", "save_every", "eval_every", "tensorboard", "deepspeed")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule and checkpointing of a run (MiniMA's defaults where they apply)."""
 
-    seq_len: int = 512
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.01
-    schedule: str = "cosine"
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    max_steps: int = 100
-    max_tokens: int = 0  # > 0: overrides max_steps (tokens / tokens per step, rounded up)
-    save_every: int = 50
-    keep_last: int = 2
-    eval_every: int = 50
-    valid_fraction: float = 0.05
-    seed: int = 0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    deepspeed: str | None = None
-    tensorboard: bool = True
+    seq_len: int = option(512, "Tokens per packed sequence.", low=1)
+    batch_size: int = option(4, "Sequences per micro-batch (per process).", low=1)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", low=1)
+    lr: float = option(3e-4, "Peak learning rate (AdamW betas 0.9/0.95).")
+    min_lr_ratio: float = option(0.1, "Final lr as a fraction of the peak.", low=0, high=1)
+    warmup_ratio: float = option(0.01, "Fraction of steps warming up.")
+    schedule: str = option("cosine", "Learning-rate decay after warmup.", choices=SCHEDULES)
+    weight_decay: float = option(0.1, "AdamW weight decay (none on norms and biases).", low=0)
+    clip: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).")
+    max_steps: int = option(100, "Optimizer steps.", low=1)
+    save_every: int = option(50, "Checkpoint every N steps.", low=1, hashed=False)
+    keep_last: int = option(2, "Checkpoints kept.", low=1, hashed=False)
+    eval_every: int = option(50, "Validation loss every N steps.", low=1, hashed=False)
+    valid_fraction: float = option(0.05, "Documents held out for validation.")
+    seed: int = option(0, "Seed for data order and the validation split.", low=0)
+    precision: str = option("auto", "fp32, bf16 (autocast; DeepSpeed: bf16 weights) or auto: "
+                            "bf16 where the hardware has it (GPU, CPUs with AVX512-BF16/AMX).",
+                            choices=PRECISIONS, source="hardware")
+    gradient_checkpointing: bool = option(False, "Trade compute for activation memory.",
+                                          source="hardware")
+    deepspeed: str | None = option(None, "DeepSpeed JSON config (e.g. "
+                                   "recipes/deepspeed/zero3.json); launch with torchrun or "
+                                   "accelerate launch for several processes.", kind="file",
+                                   hashed=False, source="hardware")
+    tensorboard: bool = option(True, "TensorBoard scalars next to log.jsonl.",
+                               flags=("--tensorboard/--no-tensorboard",), hashed=False)
 
     def check(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every",
                      "eval_every"):
             if getattr(self, name) <= 0:
-                raise MinimaError(f"--{name.replace('_', '-')} must be positive, "
+                raise OptionError(name, f"--{name.replace('_', '-')} must be positive, "
                                   f"got {getattr(self, name)}")
-        if self.max_tokens < 0:
-            raise MinimaError(f"--max-tokens must be positive, got {self.max_tokens}")
         if not self.lr > 0:
-            raise MinimaError(f"--lr must be positive, got {self.lr}")
+            raise OptionError("lr", f"--lr must be positive, got {self.lr}")
         if not self.clip >= 0:
-            raise MinimaError(f"--clip must be >= 0 (0: no clipping), got {self.clip}")
+            raise OptionError("clip", f"--clip must be >= 0 (0: no clipping), got {self.clip}")
         if self.schedule not in SCHEDULES:
-            raise MinimaError(f"unknown schedule {self.schedule!r}: choose "
+            raise OptionError("schedule", f"unknown schedule {self.schedule!r}: choose "
                               f"{', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
-            raise MinimaError(f"unknown precision {self.precision!r}: choose "
+            raise OptionError("precision", f"unknown precision {self.precision!r}: choose "
                               f"{', '.join(PRECISIONS)}")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise MinimaError("--warmup-ratio must be in [0, 1) and --min-lr-ratio in [0, 1]")
+        if not 0 <= self.warmup_ratio < 1:
+            raise OptionError("warmup_ratio", "--warmup-ratio must be in [0, 1) and "
+                              "--min-lr-ratio in [0, 1]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise OptionError("min_lr_ratio", "--warmup-ratio must be in [0, 1) and "
+                              "--min-lr-ratio in [0, 1]")
         if self.keep_last < 1:
-            raise MinimaError(f"--keep-last must be at least 1, got {self.keep_last}")
+            raise OptionError("keep_last", f"--keep-last must be at least 1, got {self.keep_last}")
 
     def total_steps(self, world_size: int = 1) -> int:
-        if self.max_tokens > 0:
-            return math.ceil(self.max_tokens / self.tokens_per_step(world_size))
         return self.max_steps
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * self.seq_len * world_size
 
     def fingerprint(self) -> str:
-        import hashlib
-
-        changing = {k: v for k, v in asdict(self).items() if k not in UNHASHED_FIELDS}
+        """What decides the weights (guards --resume): every option but inputs, outputs and
+        bookkeeping."""
+        skip = unhashed(type(self))
+        changing = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(changing, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SCHEDULES = ("cosine", "linear", "constant")
+@dataclass(frozen=True)
+class KDOptions:
+    """The distillation loss: alpha * CE + (1 - alpha) * KD (docs/losses.md)."""
+
+    loss: str = option("fkl", "fkl (forward KL, MiniMA), rkl, jsd (GKD), or topk (forward KL on "
+                       "the teacher's top-k).", choices=KD_LOSSES)
+    temperature: float = option(1.0, "Softmax temperature T (losses scaled by T^2).")
+    alpha: float = option(0.5, "Weight of the LM cross-entropy; 1 - alpha on KD. 1 (without "
+                          "--hidden-weight): the LM loss alone, a CE-only baseline; the teacher "
+                          "is not loaded.")
+    beta: float = option(0.5, "JSD interpolation weight (jsd only).")
+    topk: int = option(64, "Teacher tokens per position for --loss topk (online).")
+    topk_mode: str = option("renorm", "renorm (top-k renormalised) or tail (one bucket for the "
+                            "rest of the mass).", choices=TOPK_MODES)
+
+    def check_kd(self) -> None:
+        if self.loss not in KD_LOSSES:
+            raise OptionError("loss", f"unknown loss {self.loss!r}: choose "
+                              f"{', '.join(KD_LOSSES)}")
+        if self.topk_mode not in TOPK_MODES:
+            raise OptionError("topk_mode", f"unknown top-k mode {self.topk_mode!r}: choose "
+                              f"{', '.join(TOPK_MODES)}")
+        if not self.temperature > 0:
+            raise OptionError("temperature",
+                              f"--temperature must be positive, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise OptionError("alpha", f"--alpha {self.alpha} must be in [0, 1]")
+        if not 0 <= self.beta <= 1:
+            raise OptionError("beta", f"--beta {self.beta} must be in [0, 1]")
+        if self.topk < 1:
+            raise OptionError("topk", f"--topk must be positive, got {self.topk}")

@@ -6,14 +6,15 @@ micro-batches of `loss_fn(model, batch)` (bf16 autocast when asked), clip, step.
 `eval_every` steps the validation loss; every `save_every` steps an atomic checkpoint in
 `run_dir/checkpoints/` (the newest `keep_last` kept); every step a line in `run_dir/log.jsonl` and
 a TensorBoard scalar. A resumed run continues from the newest checkpoint exactly where it stopped:
-weights, optimizer, RNGs and the data position (identical on all ranks, see data.py).
+weights, optimizer, RNGs and the data position (identical on all ranks, see data/streams.py).
 
 Two sessions drive the same loop:
 - `LocalSession` (one process, no DeepSpeed): plain PyTorch; checkpoints in minima's safetensors
-  format (train_state.py), which resume bitwise on CPU.
+  format (training/state.py), which resume bitwise on CPU.
 - `AccelerateSession` (several processes or a DeepSpeed config): `accelerate` with a
   `DeepSpeedPlugin`; checkpoints through `accelerator.save_state` (DeepSpeed's own files, since
   ZeRO partitions the optimizer across ranks) written into a temp dir that rank 0 renames.
+Checkpoint and log formats: docs/formats.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ import torch
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import check_output, fsync_tree
 from minima_cli.progress import step_progress
-from minima_cli.training.config import TrainConfig
+from minima_cli.runtime import rank_and_world
+from minima_cli.training.config import PRECISIONS, TrainConfig
 from minima_cli.training.state import (
     STATE_FILE,
     adamw,
@@ -60,7 +62,15 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def default_device() -> torch.device:
+    """Where every training stage runs: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16" (autocast) for `precision` on `device`; "auto": bf16 where it is fast."""
+    if precision not in PRECISIONS:
+        raise MinimaError(f"unknown precision {precision!r}: choose {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -149,18 +159,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 class LocalSession:
-    """One process, plain PyTorch."""
+    """One process, plain PyTorch, on `device` (default: the GPU if there is one) in
+    `precision` ("auto", "fp32" or "bf16"). The sandwich and the tiny world's pre-training run in
+    one too, without a run directory."""
 
     rank, world_size, is_main, deepspeed_stage = 0, 1, True, 0
 
-    def __init__(self, config: TrainConfig):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.precision = resolve_precision(config.precision, self.device)
+    def __init__(self, precision: str = "auto", device: torch.device | str | None = None):
+        self.device = default_device() if device is None else torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         return model.to(self.device), optimizer
@@ -213,9 +221,9 @@ class AccelerateSession:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                               MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-        world = world_size_from_env()
+        world = rank_and_world()[1]
         self.ds_config: dict[str, Any] | None = None
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device()
         precision = resolve_precision(config.precision, device)
         if config.deepspeed:
             if device.type == "cpu":
@@ -349,9 +357,9 @@ def load_teacher(source: Any, session) -> torch.nn.Module:
 
 
 def open_session(config: TrainConfig) -> LocalSession | AccelerateSession:
-    if config.deepspeed or world_size_from_env() > 1:
+    if config.deepspeed or rank_and_world()[1] > 1:
         return AccelerateSession(config)
-    return LocalSession(config)
+    return LocalSession(config.precision)
 
 
 class RunLog:
@@ -422,12 +430,50 @@ class TrainResult:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """A tensor, or a dict / tuple of tensors (sft's input ids and label masks), on `device`."""
+    """A tensor, or a dict / tuple of tensors (sft's input ids and label masks), on `device`.
+    Anything else (a sandwich width's masks) is the loss function's to place."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, dict):
         return {key: to_device(value, device) for key, value in batch.items()}
-    return type(batch)(to_device(value, device) for value in batch)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
+
+
+@dataclass
+class StepStats:
+    losses: list[float]  # each micro-batch's loss
+    means: dict[str, float]  # "loss" and loss_fn's parts, averaged over the micro-batches
+    grad_norm: float  # before clipping
+
+
+def optimizer_step(session, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   loss_fn: LossFn, micro_batches: Iterable[Any], *, grad_accum: int,
+                   lr: float, clip: float) -> StepStats:
+    """One optimizer step, the same in every training stage: set `lr`, accumulate the gradient
+    of the mean of `loss_fn(model, micro_batch)` over the first `grad_accum` of `micro_batches`
+    (each moved to the session's device, run under its autocast and backpropagated at once, so
+    one graph is alive at a time), clip the norm to `clip` (0: no clipping), step.
+
+    `micro_batches` is read lazily: a loss function may look at the stream that yields them
+    (distill's teacher cache reads the stream's last picks)."""
+    set_learning_rate(optimizer, lr)
+    bf16 = session.precision == "bf16"
+    batches = iter(micro_batches)
+    losses: list[float] = []
+    means: dict[str, float] = {}
+    for micro in range(grad_accum):
+        batch = to_device(next(batches), session.device)
+        with session.no_sync(model, micro == grad_accum - 1):
+            with autocast(session, bf16):
+                loss, parts = loss_fn(model, batch)
+            session.backward(loss, grad_accum)
+        losses.append(loss.item())
+        for key, value in {"loss": losses[-1], **parts}.items():
+            means[key] = means.get(key, 0.0) + float(value) / grad_accum
+    grad_norm = session.step(model, optimizer, clip)
+    return StepStats(losses, means, grad_norm)
 
 
 def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
@@ -477,19 +523,10 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
             lr = learning_rate(step, peak=config.lr, total_steps=total_steps,
                                warmup_steps=warmup, schedule=config.schedule,
                                min_ratio=config.min_lr_ratio)
-            set_learning_rate(optimizer, lr)
-            sums: dict[str, float] = {}
-            for micro in range(config.grad_accum):
-                batch = to_device(next(stream), session.device)
-                with session.no_sync(model, micro == config.grad_accum - 1):
-                    with autocast(session, bf16):
-                        loss, parts = loss_fn(model, batch)
-                    session.backward(loss, config.grad_accum)
-                for key, value in {"loss": loss.detach(), **parts}.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) / config.grad_accum
-            grad_norm = session.step(model, optimizer, config.clip)
+            stats = optimizer_step(session, model, optimizer, loss_fn, stream,
+                                   grad_accum=config.grad_accum, lr=lr, clip=config.clip)
             done = step + 1
-            record = {"step": done, "lr": lr, **sums, "grad_norm": grad_norm,
+            record = {"step": done, "lr": lr, **stats.means, "grad_norm": stats.grad_norm,
                       "step_s": time.perf_counter() - step_start}
             if done % config.eval_every == 0 or done == total_steps:
                 with autocast(session, bf16):

@@ -1,12 +1,14 @@
-"""Training-loop pieces shared by `distill` and `sft`: AdamW parameter groups, the learning-rate
-schedule, and training checkpoints that resume exactly.
+"""Training-loop pieces shared by every training stage (`distill`, `sft`, the schedule's sandwich,
+the tiny world's pre-training): AdamW parameter groups, clipping, the learning-rate schedule, and
+training checkpoints that resume exactly.
 
-A training checkpoint is a directory written atomically (see checkpoint.atomic_output_dir):
+A training checkpoint is a directory written atomically (fsutil.atomic_output_dir; docs/formats.md):
 - `model.safetensors`: the trainable weights,
 - `optimizer.safetensors`: every optimizer state tensor, keyed `<param index>.<name>`,
 - `state.json`: step, optimizer scalars and hyper-parameters, the Python/NumPy RNG states, the
   data stream position and anything the loop adds; `rng.safetensors`: torch's RNG state.
-Everything is safetensors or JSON: resuming never unpickles a file.
+Everything is safetensors or JSON: resuming never unpickles a file. (Checkpoints of accelerate /
+DeepSpeed runs are those libraries' own format: training/loop.py.)
 """
 
 from __future__ import annotations
@@ -49,21 +51,30 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.AdamW:
+def adamw(groups: list[dict[str, Any]], lr: float, *, fused: bool = True) -> torch.optim.AdamW:
     """AdamW as MiniMA trains (betas 0.9/0.95, eps 1e-8) with PyTorch's fused kernel where the
-    parameters allow it: one pass over each tensor instead of a dozen, ~4x faster than the
-    per-tensor loop on CPU (an 11.5M-parameter step: 20 ms vs 66-79 ms) and the kernel HF's
-    Trainer uses by default."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
-    except RuntimeError:  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    parameters allow it: one pass over each tensor instead of a dozen per-tensor ops, and the
+    kernel HF's Trainer uses by default. `fused=False`: PyTorch's default kernel, which rounds
+    differently (the tiny world's teacher is pinned bitwise to it)."""
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+        except RuntimeError:  # a device or dtype without the fused kernel
+            pass
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def check_clip(max_norm: float) -> None:
+    """0 means no clipping; a negative (or NaN) limit is a mistake, not a way to turn it off."""
+    if not max_norm >= 0:
+        raise MinimaError(f"--clip must be >= 0 (0: no clipping), got {max_norm}")
 
 
 def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the gradients' global L2 norm to `max_norm` (<= 0: no clipping) and return the norm
+    """Clip the gradients' global L2 norm to `max_norm` (0: no clipping) and return the norm
     before clipping. Unlike `clip_grad_norm_`, which always multiplies (by 1 when under the
     limit), the gradients are only touched when the norm is over it: one pass over them fewer."""
+    check_clip(max_norm)
     grads = [p.grad for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     if max_norm > 0 and norm > max_norm:
@@ -71,19 +82,33 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float) -> flo
     return float(norm)
 
 
-def learning_rate(step: int, *, peak: float, total_steps: int, warmup_steps: int,
-                  schedule: str = "cosine", min_ratio: float = 0.0) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup from peak/warmup to peak,
-    then cosine or linear decay to `min_ratio * peak` at `total_steps`."""
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str = "cosine",
+              min_ratio: float = 0.0) -> float:
+    """The schedule, as a multiple of the peak learning rate, for optimizer step `step`
+    (0-based): linear warmup from 1/warmup to 1, then cosine or linear decay to `min_ratio` at
+    `total_steps` (or constant)."""
     if schedule not in SCHEDULES:
         raise MinimaError(f"unknown schedule {schedule!r}: choose {', '.join(SCHEDULES)}")
     if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps
     if schedule == "constant" or total_steps <= warmup_steps:
-        return peak
+        return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return peak * (min_ratio + (1 - min_ratio) * shape)
+    return min_ratio + (1 - min_ratio) * shape
+
+
+def learning_rate(step: int, *, peak: float, total_steps: int, warmup_steps: int,
+                  schedule: str = "cosine", min_ratio: float = 0.0) -> float:
+    """`peak * lr_factor(...)`: the learning rate of `distill`, `sft` and the sandwich.
+    In warmup it is rounded as `(peak * (step + 1)) / warmup`, as these stages always have:
+    `peak * ((step + 1) / warmup)` can differ in the last bit (3e-3 * 3 / 3 != 3e-3), which would
+    change their trained weights; the tiny world's pre-training multiplies by `lr_factor`."""
+    factor = lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps,
+                       schedule=schedule, min_ratio=min_ratio)
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    return peak * factor
 
 
 STATE_FILE = "state.json"
