@@ -59,7 +59,8 @@ def test_valid_recipe_fills_the_chain(base, tmp_path):
                                        "'ffn'?)"),
     ({"seed": "zero"}, "r.yaml: seed: must be an integer >= 0"),
     ({"distill": {"lr": "fast"}}, "r.yaml: distill.lr: must be a number >= 0"),
-    ({"distill": {"loss": "mse", "max_steps": 1}}, "r.yaml: distill.loss: must be one of fkl, rkl, jsd, topk"),
+    ({"distill": {"loss": "mse", "max_steps": 1}},
+     "r.yaml: distill.loss: must be one of fkl, rkl, jsd, topk"),
     ({"distill": {"precision": "bf16"}}, "distill.precision: set it under hardware:"),
     ({"prune": {"ratio": 1.5}}, "r.yaml: prune.ratio: must be a number in (0, 1)"),
     ({"prune": {"priority": "globl"}}, "prune.priority: must be one of local, global "

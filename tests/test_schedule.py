@@ -4,9 +4,11 @@ a pruned model's coordinates, the sandwich loss, and the command end to end on t
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from minima_cli.model.masks import masked
 from minima_cli.model.scores import random_scores
 from minima_cli.model.selection import plan_masks, plan_prune
 from minima_cli.model.shapes import resolve_target
+from minima_cli.stages import schedule
 from minima_cli.stages.configs import DistillConfig
 from minima_cli.stages.schedule import (
     build_candidates,
@@ -33,7 +36,9 @@ from minima_cli.stages.schedule import (
     sandwich_step,
     sandwich_widths,
     spearman,
+    train_sandwich,
 )
+from minima_cli.training.loop import LocalSession, default_device
 
 
 @pytest.fixture(autouse=True)
@@ -177,21 +182,36 @@ def test_relative_plan_prunes_a_pruned_model_to_the_same_student(tmp_path):
 # --- the sandwich ---------------------------------------------------------------------------------
 
 
-def test_sandwich_step_is_the_mean_of_the_per_width_losses():
-    model = tiny_random_model(layers=2, hidden=32, heads=4, ffn=48)
+def sandwich_setup(seed: int = 0):
+    """A shared network, a different teacher, three nested widths and a batch."""
+    model = tiny_random_model(layers=2, hidden=32, heads=4, ffn=48, seed=seed)
     teacher_model = tiny_random_model(layers=2, hidden=32, heads=4, ffn=48, seed=7)
     shape = shape_from_config(model.config)
     scores = random_scores(shape, seed=2)
     widths = [plan_masks(plan_prune(scores, shape, resolve_target(shape, ratio=r)), shape)
               for r in (0.8, 0.5, 0.3)]
-    batch = torch.randint(0, shape.vocab, (2, 10))
+    batch = torch.randint(0, shape.vocab, (2, 10), generator=torch.Generator().manual_seed(1))
+    return model, teacher_model, shape, widths, batch
+
+
+def sandwich_sgd_step(clip: float):
+    """(per-width losses, weight change) of one sandwich step with plain SGD at lr 1, whose
+    weight change is what is left of the gradient after clipping."""
+    model, teacher_model, shape, widths, batch = sandwich_setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    session = LocalSession("fp32", "cpu")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    mean, losses = sandwich_step(session, model, optimizer, teacher_model, shape, widths, batch,
+                                 DistillConfig(alpha=0.3, clip=clip), shape.vocab, lr=1.0)
+    assert mean == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    return losses, [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
+
+
+def test_sandwich_step_descends_the_mean_of_the_per_width_losses():
+    losses, change = sandwich_sgd_step(clip=0.0)
+    model, teacher_model, shape, widths, batch = sandwich_setup()
     with torch.no_grad():
         teacher_logits = teacher_model(input_ids=batch).logits
-    config = DistillConfig(alpha=0.3)
-    mean, losses = sandwich_step(model, shape, widths, batch, teacher_logits, config, shape.vocab)
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-
     separate = []  # the reference: each width's loss on its own, then the plain mean
     for masks in widths:
         with masked(model, masks, shape):
@@ -199,10 +219,81 @@ def test_sandwich_step_is_the_mean_of_the_per_width_losses():
                                               next_token_labels(batch), alpha=0.3)[0])
     torch.stack(separate).mean().backward()
     assert losses == pytest.approx([loss.item() for loss in separate], rel=1e-5)
-    assert mean == pytest.approx(sum(losses) / 3, rel=1e-6)
     assert len(set(losses)) == 3  # the widths really differ
-    for got, param in zip(grads, model.parameters(), strict=True):
+    for got, param in zip(change, model.parameters(), strict=True):
         assert torch.allclose(got, param.grad, atol=1e-6)
+
+
+def test_sandwich_clip_0_is_no_clipping():
+    """It used to call clip_grad_norm_(..., 0), which zeroes every gradient."""
+    _, unclipped = sandwich_sgd_step(clip=0.0)
+    _, never_reached = sandwich_sgd_step(clip=1e9)
+    _, clipped = sandwich_sgd_step(clip=1e-3)
+    assert any(bool(c.abs().max() > 1e-3) for c in unclipped)
+    assert all(torch.equal(a, b) for a, b in zip(unclipped, never_reached, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(unclipped, clipped, strict=True))
+    with pytest.raises(MinimaError, match="--clip must be >= 0"):
+        sandwich_sgd_step(clip=-1.0)
+
+
+def train_small_sandwich(clip: float = 1.0, seen: dict[str, list] | None = None, **kwargs):
+    """Three sandwich steps; `seen` collects (input device, output dtype) of the first MLP of
+    the network and of the teacher at every forward."""
+    model, teacher_model, shape, widths, _ = sandwich_setup()
+    for name, module in (("network", model), ("teacher", teacher_model)) if seen else ():
+        module.model.layers[0].mlp.register_forward_hook(
+            lambda m, args, output, name=name: seen[name].append((args[0].device, output.dtype)))
+    batches = iter(torch.randint(0, shape.vocab, (3, 2, 10),
+                                 generator=torch.Generator().manual_seed(3)))
+    config = DistillConfig(max_steps=3, lr=1e-2, clip=clip)
+    history = train_sandwich(model, teacher_model, shape, widths, batches, config, shape.vocab,
+                             **kwargs)
+    return history, model, teacher_model
+
+
+def test_train_sandwich_clip_0_matches_a_clip_never_reached():
+    history, model, _ = train_small_sandwich(0.0, device="cpu", precision="fp32")
+    same, reference, _ = train_small_sandwich(1e9, device="cpu", precision="fp32")
+    assert history == same and len(history) == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(),
+                                                 strict=True))
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32),
+                                                  ("bf16", torch.bfloat16)])
+def test_train_sandwich_runs_on_the_given_device_and_precision(precision, dtype):
+    """bf16 is autocast (on the CPU here) for the network and the teacher alike."""
+    seen = {"network": [], "teacher": []}
+    device = torch.device("cpu")
+    history, model, _ = train_small_sandwich(seen=seen, device=device, precision=precision)
+    assert len(history) == 3 and all(math.isfinite(loss) for loss in history)
+    assert seen["teacher"] == [(device, dtype)] * 3  # once per step
+    assert seen["network"] == [(device, dtype)] * 9  # once per width per step
+    assert all(p.device == device and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_schedule_sandwich_runs_like_distill(tmp_path, monkeypatch):
+    """`minima schedule`: the default device (the GPU if there is one) and the configured
+    precision, the teacher loaded as distill loads it (bf16 weights in a bf16 run)."""
+    model, _, shape, _, _ = sandwich_setup()
+    source = resolve_model(save_model(model, tmp_path / "teacher"))
+    candidates, _ = build_candidates(random_scores(shape, seed=2), shape,
+                                     resolve_target(shape, ratio=0.3), [0.0, 0.5])
+    calls = []
+
+    def spy(network, teacher, *args, device, precision):
+        calls.append((device, precision, teacher.dtype))
+        return train_sandwich(network, teacher, *args, device=device, precision=precision)
+
+    monkeypatch.setattr(schedule, "train_sandwich", spy)
+    blocks = torch.randint(0, shape.vocab, (2, 2, 10))
+    prepared = SimpleNamespace(stream=lambda batch_size: iter(blocks))
+    losses, history = schedule.sandwich_dev_losses(
+        source, shape, candidates, prepared, blocks[0],
+        DistillConfig(max_steps=2, precision="bf16"), shape.vocab, 0, False)
+    assert calls == [(default_device(), "bf16", torch.bfloat16)]
+    assert len(losses) == len(candidates) and len(history) == 2
+    assert all(math.isfinite(loss) for loss in losses + history)
 
 
 # --- the command ----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -228,6 +229,37 @@ def test_pretrain_is_deterministic_and_learns() -> None:
 def test_pretrain_rejects_empty_blocks() -> None:
     with pytest.raises(MinimaError, match="non-empty"):
         pretrain(_tiny_model(0), torch.zeros(0, 8, dtype=torch.long), steps=1)
+
+
+def test_pretrain_clip_0_is_no_clipping_and_a_negative_clip_an_error() -> None:
+    blocks = torch.arange(64).repeat(40).view(-1, 32) % 64
+    runs = {}
+    for clip in (0.0, 1e9, 1e-3):  # none, a limit never reached, one always reached
+        model = _tiny_model(0)
+        runs[clip] = (pretrain(model, blocks, steps=3, batch_size=4, lr=1e-2, clip=clip),
+                      [p.detach().clone() for p in model.parameters()])
+    assert runs[0.0][0] == runs[1e9][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0.0][1], runs[1e9][1], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0.0][1], runs[1e-3][1], strict=True))
+    with pytest.raises(MinimaError, match="--clip must be >= 0"):
+        pretrain(_tiny_model(0), blocks, steps=1, clip=-1.0)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32),
+                                                  ("bf16", torch.bfloat16)])
+def test_pretrain_runs_on_the_given_device_and_precision(precision: str,
+                                                          dtype: torch.dtype) -> None:
+    """bf16 is autocast (on the CPU here): activations in bf16, weights stay fp32."""
+    model = _tiny_model(0)
+    seen: list[tuple[torch.device, torch.dtype]] = []
+    model.model.layers[0].mlp.register_forward_hook(
+        lambda module, args, output: seen.append((args[0].device, output.dtype)))
+    blocks = torch.arange(64).repeat(40).view(-1, 32) % 64
+    device = torch.device("cpu")
+    losses = pretrain(model, blocks, steps=2, batch_size=4, device=device, precision=precision)
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert seen == [(device, dtype)] * 2
+    assert all(p.device == device and p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_build_tiny_world_needs_an_existing_directory(tmp_path: Path) -> None:

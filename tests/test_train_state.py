@@ -12,9 +12,11 @@ from conftest import tiny_random_model
 
 from minima_cli.errors import MinimaError
 from minima_cli.training.state import (
+    clip_gradients,
     learning_rate,
     list_checkpoints,
     load_training_checkpoint,
+    lr_factor,
     parameter_groups,
     save_training_checkpoint,
 )
@@ -115,3 +117,29 @@ def test_clip_gradients_scales_only_over_the_limit():
     for p, r in zip(params, reference, strict=True):
         torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=1e-7)
     assert clip_gradients(params, 0.0) == pytest.approx(1.0, abs=1e-5)  # 0: not clipped
+
+
+def test_one_schedule_shape_for_every_stage():
+    """learning_rate is peak x lr_factor; in warmup it keeps the rounding distill always had
+    ((peak * k) / warmup), while the tiny world's pre-training multiplies by the factor (as
+    torch's LambdaLR, which built its pinned teacher, did)."""
+    kw = {"total_steps": 200, "warmup_steps": 20, "min_ratio": 0.1}
+    for step in range(200):
+        lr = learning_rate(step, peak=3e-3, **kw)
+        assert lr == pytest.approx(3e-3 * lr_factor(step, **kw), rel=1e-15)
+        if step >= 20:
+            assert lr == 3e-3 * lr_factor(step, **kw)
+    assert learning_rate(2, peak=3e-3, total_steps=6, warmup_steps=3) == 3e-3 * 3 / 3
+    assert 3e-3 * lr_factor(2, total_steps=6, warmup_steps=3) == 3e-3  # != 3e-3 * 3 / 3
+    with pytest.raises(MinimaError, match="unknown schedule"):
+        lr_factor(0, total_steps=10, warmup_steps=0, schedule="step")
+
+
+def test_clip_0_is_no_clipping_and_a_negative_clip_an_error():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    params[0].grad = torch.tensor([30.0, 40.0])
+    assert clip_gradients(params, 0.0) == pytest.approx(50.0)
+    assert torch.equal(params[0].grad, torch.tensor([30.0, 40.0]))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(MinimaError, match="--clip must be >= 0"):
+            clip_gradients(params, bad)

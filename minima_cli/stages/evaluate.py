@@ -420,15 +420,14 @@ def perplexity_windows(n_tokens: int, max_length: int, stride: int) -> list[tupl
 def document_stream(tokenizer: Any, documents: Sequence[str]) -> list[int]:
     """`EOS d1 EOS d2 ... EOS dn EOS`, the training layout (documents end with EOS) with a
     leading EOS so the first document's first token is predicted like every other's."""
-    from minima_cli.data.tokenize import tokenize_documents
+    from minima_cli.data.pack import separated_stream
+    from minima_cli.data.tokenize import TokenizedSource, tokenize_documents
 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MinimaError("the tokenizer has no EOS token to separate documents with")
-    stream = [eos]
-    for ids in tokenize_documents(tokenizer, list(documents)):
-        stream += ids + [eos]
-    return stream
+    flat = TokenizedSource.of(tokenize_documents(tokenizer, list(documents)))
+    return [eos, *separated_stream(flat, None, eos).tolist()]
 
 
 @torch.no_grad()
