@@ -54,12 +54,13 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from realtext import real_documents, split_by_document, write_jsonl  # noqa: E402
+from reference_losses import naive_kd_loss  # noqa: E402  (tests/reference_losses.py)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from minima_cli.data.streams import prepare_data  # noqa: E402
-from minima_cli.losses import naive_kd_loss  # noqa: E402
 from minima_cli.model.checkpoint import (
     load_model,
     load_tokenizer,

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from reference_losses import naive_distillation_loss, naive_kd_loss, naive_topk_kd_loss
 
 from minima_cli import losses
 from minima_cli.losses import (
@@ -18,9 +19,6 @@ from minima_cli.losses import (
     fused_linear_kd_loss,
     hidden_state_mse,
     kd_loss,
-    naive_distillation_loss,
-    naive_kd_loss,
-    naive_topk_kd_loss,
     topk_kd_loss,
 )
 

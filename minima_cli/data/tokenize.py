@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -20,7 +18,7 @@ import numpy as np
 from minima_cli.data.read import read_documents
 from minima_cli.data.sources import DataSource, source_fingerprint, tokenizer_fingerprint
 from minima_cli.errors import MinimaError
-from minima_cli.fsutil import fsync_dir
+from minima_cli.fsutil import atomic_file
 
 
 def tokenize_documents(tokenizer: Any, documents: list[str]) -> list[list[int]]:
@@ -144,19 +142,7 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, 
     from safetensors.numpy import save_file
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
-        os.close(fd)
+        with atomic_file(path) as tmp:
+            save_file(arrays, str(tmp), metadata=metadata)
     except OSError as e:
-        raise MinimaError(f"cannot write the token cache in {path.parent}: {e.strerror}") from None
-    try:
-        save_file(arrays, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise MinimaError(f"cannot write the token cache {path}: {e.strerror}") from None
-        raise
-    fsync_dir(path.parent)
+        raise MinimaError(f"cannot write the token cache {path}: {e.strerror}") from None

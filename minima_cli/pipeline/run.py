@@ -13,7 +13,6 @@ per-GPU memory of pipeline/memory.py and the token budget). Stage contracts: doc
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from rich.rule import Rule
 from rich.table import Table
 
 from minima_cli.errors import MinimaError
-from minima_cli.fsutil import MANIFEST
+from minima_cli.fsutil import MANIFEST, atomic_write_text
 from minima_cli.pipeline.recipe import (
     STAGES,
     Recipe,
@@ -193,12 +192,8 @@ def save_recipe_copy(recipe: Recipe) -> None:
     """The recipe as run (overrides applied) in workdir/recipe.yaml, for the record."""
     import yaml
 
-    recipe.workdir.mkdir(parents=True, exist_ok=True)
-    target = recipe.workdir / "recipe.yaml"
-    tmp = target.with_name(f".recipe.yaml.tmp-{os.getpid()}")
-    tmp.write_text(f"# {recipe.path} as run by minima\n" +
-                   yaml.safe_dump(recipe.raw, sort_keys=False))
-    os.replace(tmp, target)
+    atomic_write_text(recipe.workdir / "recipe.yaml", f"# {recipe.path} as run by minima\n" +
+                      yaml.safe_dump(recipe.raw, sort_keys=False))
 
 
 def summary_table(recipe: Recipe, runs: list[StageRun]) -> Table:

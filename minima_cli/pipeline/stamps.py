@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from minima_cli.errors import MinimaError
-from minima_cli.fsutil import MANIFEST, file_sha256, read_manifest
+from minima_cli.fsutil import MANIFEST, atomic_write_text, file_sha256, read_manifest
 from minima_cli.pipeline.recipe import Recipe, stage_inputs, unhashed_keys
 from minima_cli.stages import TRAINING
 
@@ -100,8 +99,4 @@ def write_stamp(directory: Path, stamp: dict[str, Any]) -> None:
     """Add the stamp to the stage's manifest, atomically (temp file + rename)."""
     manifest = read_manifest(directory)
     manifest["recipe"] = stamp
-    tmp = directory / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
