@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from minima_cli.options import OptionError, option
-from minima_cli.training.config import KDOptions, TrainConfig
+from minima_cli.training.config import PRECISIONS, KDOptions, TrainConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCORE_METHODS = ("grad", "activation")
@@ -255,14 +255,16 @@ class ScheduleConfig:
     clip: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).", low=0)
     seed: int = option(0, "Seed for data order and the validation split.", low=0)
     text_field: str = option("text", TEXT_FIELD_HELP)
-    device: str = device_option()
+    precision: str = option("auto", "fp32, bf16 (autocast) or auto: bf16 where the hardware has "
+                            "it; the sandwich and every distillation run in it.",
+                            choices=PRECISIONS)
 
     def distill_config(self) -> DistillConfig:
         """The distillation settings of every chain link (and of the sandwich's loss)."""
         return DistillConfig(loss=self.loss, alpha=self.alpha, seq_len=self.seq_len,
                              batch_size=self.batch_size, lr=self.lr, clip=self.clip,
                              max_steps=self.distill_steps, seed=self.seed,
-                             text_field=self.text_field)
+                             text_field=self.text_field, precision=self.precision)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The training loop shared by `distill` and `sft`: one process, or many under torchrun /
 `accelerate launch` with DeepSpeed ZeRO-2/3.
 
-Per optimizer step: set the learning rate (warmup, then cosine/linear decay), run `grad_accum`
-micro-batches of `loss_fn(model, batch)` (bf16 autocast when asked), clip, step. Every
+Per optimizer step (`optimizer_step`, which the schedule's sandwich and the tiny world's
+pre-training take too, in a `LocalSession` without a run dir): set the learning rate (warmup, then
+cosine/linear decay), run `grad_accum` micro-batches of `loss_fn(model, batch)` (bf16 autocast
+when asked), clip (0: no clipping), step. Every
 `eval_every` steps the validation loss; every `save_every` steps an atomic checkpoint in
 `run_dir/checkpoints/` (the newest `keep_last` kept); every step a line in `run_dir/log.jsonl` and
 a TensorBoard scalar. A resumed run continues from the newest checkpoint exactly where it stopped:
