@@ -26,11 +26,13 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 venv: $(VENV)/.installed
 
+# tests/unit mirrors the package (fast, one process); tests/integration holds the multi-process,
+# kill-and-resume and real-SmolLM2 tests.
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/unit tests/integration $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check minima_cli tests bench scripts

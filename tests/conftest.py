@@ -11,9 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from minima_cli.cli.app import main
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "tiny.yaml"
+# The tiny recipe at test size: a smaller world, a few steps of each training stage, and every
+# eval task on its first 30 items. Checkpoints every 2 steps for the kill test.
+SMALL = ["tiny.documents=400", "tiny.steps=30", "score.batches=2", "distill.max_steps=12",
+         "distill.seq_len=32", "distill.batch_size=4", "distill.eval_every=4",
+         "distill.save_every=2", "sft.max_steps=4", "sft.eval_every=2", "sft.save_every=2",
+         "eval.limit=30"]
 
 # model_type -> config class name and the extra config fields of that architecture
 ARCHITECTURES = {
@@ -109,3 +119,72 @@ def tiny_world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_world")
     build_tiny_world(root, seed=0, gqa=True, tied=True, n_documents=400, steps=30)
     return root
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_world, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distill")
+    teacher, data = tiny_world / "teacher", tiny_world / "data" / "train.txt"
+    assert main(["score", "-m", str(teacher), "-d", str(data), "-o", str(root / "scores"),
+                 "--seq-len", "64", "--batches", "2", "-q"]) == 0
+    assert main(["prune", "-m", str(teacher), "-s", str(root / "scores"), "-o",
+                 str(root / "pruned"), "--ratio", "0.5", "-q"]) == 0
+    return root / "pruned"
+
+
+def distill_args(tiny_world, student, out, steps=8):
+    return ["distill", "-t", str(tiny_world / "teacher"), "-s", str(student), "-d",
+            str(tiny_world / "data" / "train.txt"), "-o", str(out), "--seq-len", "32",
+            "--batch-size", "4", "--max-steps", str(steps), "--save-every", "2",
+            "--eval-every", "4", "--lr", "3e-3", "--precision", "fp32", "-q"]
+
+
+@pytest.fixture(scope="module")
+def chat_world(tmp_path_factory) -> Path:
+    """An untrained tiny world (tokenizer with ChatML tokens, random model, chat data) and a
+    64-conversation slice of its chat data."""
+    from minima_cli.stages.tiny import build_tiny_world
+
+    root = tmp_path_factory.mktemp("sft_world")
+    torch.manual_seed(0)
+    build_tiny_world(root, n_documents=100, steps=0)
+    lines = (root / "data" / "chat_train.jsonl").read_text().splitlines()
+    (root / "chat.jsonl").write_text("\n".join(lines[:64]) + "\n")
+    return root
+
+
+def sft_args(world, out, *extra):
+    return ["sft", "-m", world / "teacher", "-d", world / "chat.jsonl", "-o", out,
+            "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--precision", "fp32",
+            "--eval-every", "4", "--save-every", "2", "--no-tensorboard", "-q", *extra]
+
+
+def run_args(workdir: Path, *extra: str) -> list[str]:
+    args = ["run", str(RECIPE), "--workdir", str(workdir), "-q"]
+    for item in SMALL:
+        args += ["--set", item]
+    return [*args, *extra]
+
+
+def statuses(stdout: str) -> dict[str, str]:
+    """stage -> status from the summary table's rows."""
+    found = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) > 2 and cells[0] in ("tiny", "score", "prune", "distill", "sft", "eval"):
+            found[cells[0]] = cells[1]
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, str]:
+    """The tiny recipe run once, uninterrupted: (workdir, the summary printed)."""
+    workdir = tmp_path_factory.mktemp("pipeline") / "tiny"
+    import io
+    from contextlib import redirect_stdout
+
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = main(run_args(workdir))
+    assert code == 0, buffer.getvalue()[-3000:]
+    return workdir, buffer.getvalue()

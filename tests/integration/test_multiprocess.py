@@ -1,9 +1,11 @@
-"""`minima distill` under torchrun with 2 CPU ranks (gloo, DS_ACCELERATOR=cpu) and DeepSpeed
-ZeRO-2 / ZeRO-3: the same weights as one process with the same global batch, an exact resume
-after SIGKILL, and a final directory that plain transformers loads."""
+"""Several processes under torchrun on CPU (gloo): `minima distill` with 2 ranks and DeepSpeed
+ZeRO-2 / ZeRO-3 (DS_ACCELERATOR=cpu) gives the same weights as one process with the same global
+batch, resumes exactly after SIGKILL and writes a directory plain transformers loads; data-parallel
+`minima score` equals one process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.torch import load_file
-from test_distill import pruned  # noqa: F401  (the module fixture: a pruned tiny student)
 
 from minima_cli.cli.app import main
 from minima_cli.training.loop import free_port
 
 pytest.importorskip("deepspeed")
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "deepspeed"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed"
 STEPS = 24
 
 
@@ -121,3 +123,26 @@ def test_two_ranks_without_deepspeed_average_gradients(tiny_world, pruned, refer
     out = tmp_path / "ddp"
     finish(torchrun(distill_args(tiny_world, pruned, out, batch_size=2)))
     assert_close(reference, out, atol=1e-4)
+
+
+def test_data_parallel_score_equals_single_process(tiny_world, tmp_path, capsys):
+    """Under torchrun each rank scores its own sequences; the all-reduced scores equal a single
+    process's (batch size 1, so both see the same per-sequence gradients)."""
+    from safetensors.torch import load_file
+
+    common = ["score", "-m", tiny_world / "teacher", "-d", tiny_world / "data" / "train.txt",
+              "--seq-len", "32", "--batches", "6", "--batch-size", "1", "-q"]
+    assert run_cli([*common, "-o", tmp_path / "single"], capsys)[0] == 0
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", "29517", "-m", "minima_cli.cli",
+         *map(str, common), "-o", str(tmp_path / "dp")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    single = load_file(tmp_path / "single" / "scores.safetensors")
+    parallel = load_file(tmp_path / "dp" / "scores.safetensors")
+    for name, tensor in single.items():
+        torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-8)
+    manifest = json.loads((tmp_path / "dp" / "minima.json").read_text())
+    assert manifest["metrics"]["tokens"] == 6 * 32

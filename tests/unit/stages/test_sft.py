@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_at_checkpoint, run_cli, tiny_random_model
+from conftest import run_cli, sft_args, tiny_random_model
 from safetensors.torch import load_file
 
 from minima_cli.data.chat import (
@@ -32,17 +32,8 @@ from minima_cli.stages.sft import make_evaluate_fn, make_loss_fn
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """An untrained tiny world (tokenizer with ChatML tokens, random model, chat data) and a
-    64-conversation slice of its chat data."""
-    from minima_cli.stages.tiny import build_tiny_world
-
-    root = tmp_path_factory.mktemp("sft_world")
-    torch.manual_seed(0)
-    build_tiny_world(root, n_documents=100, steps=0)
-    lines = (root / "data" / "chat_train.jsonl").read_text().splitlines()
-    (root / "chat.jsonl").write_text("\n".join(lines[:64]) + "\n")
-    return root
+def world(chat_world) -> Path:
+    return chat_world
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +216,6 @@ def test_stream_resumes_exactly_and_reshuffles_each_epoch():
             [2 * c / sum(counts) for c in counts])
 
 
-
 def test_accumulation_weights_micro_batches_by_their_tokens_and_resumes_inside_a_step():
     rows = [[Example([i] * (2 + i), [False] + [True] * (1 + i))] for i in range(7)]
     plain = ChatRowStream(rows, batch_size=1, pad_id=0, seed=5, fingerprint="f")
@@ -264,11 +254,6 @@ def test_accumulated_steps_train_like_one_big_batch(world, tmp_path, capsys):
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
 
-def sft_args(world, out, *extra):
-    return ["sft", "-m", world / "teacher", "-d", world / "chat.jsonl", "-o", out,
-            "--seq-len", "64", "--batch-size", "4", "--lr", "3e-3", "--precision", "fp32",
-            "--eval-every", "4", "--save-every", "2", "--no-tensorboard", "-q", *extra]
-
 
 def test_sft_saves_chatml_and_reloads_with_plain_transformers(world, tmp_path, capsys):
     out = tmp_path / "chat"
@@ -292,23 +277,6 @@ def test_sft_saves_chatml_and_reloads_with_plain_transformers(world, tmp_path, c
     assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation_config.eos_token_id
     generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > prompt["input_ids"].shape[1]
-
-
-def test_killed_run_resumes_to_the_same_weights(world, tmp_path, capsys):
-    steps = ["--max-steps", "30"]
-    reference = tmp_path / "reference"
-    assert run_cli(sft_args(world, reference, *steps), capsys)[0] == 0
-    out = tmp_path / "killed"
-    kill_at_checkpoint(sft_args(world, out, *steps), tmp_path / "killed.run" / "checkpoints", 4)
-    assert not out.exists(), "killed before the end: no final output"
-    assert run_cli([*sft_args(world, out, *steps), "--resume"], capsys)[0] == 0
-    expected, actual = load_file(reference / "model.safetensors"), load_file(
-        out / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        assert torch.equal(expected[name], actual[name]), name
-    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 31))
 
 
 def test_teacher_adds_a_kd_part(world, tmp_path, capsys):

@@ -6,58 +6,12 @@ setting re-runs only what it makes stale, and `minima report` writes the table a
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
-import pytest
-import torch
-from conftest import kill_at_checkpoint, run_cli
-from safetensors.torch import load_file
+from conftest import RECIPE, run_args, run_cli, statuses
 
 from minima_cli.pipeline.recipe import load_recipe
 from minima_cli.pipeline.run import HASH_FILE, resume_decision
 from minima_cli.training.state import STATE_FILE
-
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
-# The tiny recipe at test size: a smaller world, a few steps of each training stage, and every
-# eval task on its first 30 items. Checkpoints every 2 steps for the kill test.
-SMALL = ["tiny.documents=400", "tiny.steps=30", "score.batches=2", "distill.max_steps=12",
-         "distill.seq_len=32", "distill.batch_size=4", "distill.eval_every=4",
-         "distill.save_every=2", "sft.max_steps=4", "sft.eval_every=2", "sft.save_every=2",
-         "eval.limit=30"]
-
-
-def run_args(workdir: Path, *extra: str) -> list[str]:
-    args = ["run", str(RECIPE), "--workdir", str(workdir), "-q"]
-    for item in SMALL:
-        args += ["--set", item]
-    return [*args, *extra]
-
-
-def statuses(stdout: str) -> dict[str, str]:
-    """stage -> status from the summary table's rows."""
-    found = {}
-    for line in stdout.splitlines():
-        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
-        if len(cells) > 2 and cells[0] in ("tiny", "score", "prune", "distill", "sft", "eval"):
-            found[cells[0]] = cells[1]
-    return found
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> tuple[Path, str]:
-    """The tiny recipe run once, uninterrupted: (workdir, the summary printed)."""
-    from minima_cli.cli.app import main
-
-    workdir = tmp_path_factory.mktemp("pipeline") / "tiny"
-    import io
-    from contextlib import redirect_stdout
-
-    buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        code = main(run_args(workdir))
-    assert code == 0, buffer.getvalue()[-3000:]
-    return workdir, buffer.getvalue()
 
 
 def test_tiny_recipe_end_to_end_distilled_beats_pruned(finished):
@@ -108,37 +62,6 @@ def test_second_run_redoes_nothing(finished, capsys):
     assert plan["distill"] == "up to date" and plan["sft"] == "run (stale)"
     assert plan["eval"] == "run (after sft)"
     assert weights.stat().st_mtime_ns == before
-
-
-def test_killed_run_resumes_and_finished_stages_are_not_redone(finished, tmp_path, capsys):
-    reference, _ = finished
-    workdir = tmp_path / "moved"  # a copy elsewhere: hashes use contents, not paths
-    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("distill", "sft", "eval",
-                                                                      "report"))
-    kept = {s: (workdir / s / "minima.json").read_text() for s in ("tiny", "score", "prune")}
-    checkpoints = workdir / "distill.run" / "checkpoints"
-    kill_at_checkpoint(run_args(workdir, "--until", "distill"), checkpoints, 4, timeout=240)
-    assert (checkpoints / "step-00000004").is_dir() and not (workdir / "distill").exists(), \
-        "killed mid-distill"
-
-    code, out, err = run_cli(run_args(workdir, "--until", "distill"), capsys)
-    assert code == 0, err
-    assert statuses(out) == {"tiny": "up to date", "score": "up to date",
-                             "prune": "up to date", "distill": "resumed", "sft": "not selected",
-                             "eval": "not selected"}
-    assert kept == {s: (workdir / s / "minima.json").read_text() for s in kept}
-    expected = load_file(reference / "distill" / "model.safetensors")
-    actual = load_file(workdir / "distill" / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[name], actual[name]) for name in expected)
-
-    # A changed setting re-runs what it makes stale, and only that.
-    code, out, err = run_cli(run_args(workdir, "--until", "prune", "--set", "prune.ratio=0.6"),
-                             capsys)
-    assert code == 0, err
-    assert statuses(out) == {"tiny": "up to date", "score": "up to date", "prune": "ran",
-                             "distill": "done earlier", "sft": "not selected",
-                             "eval": "not selected"}
 
 
 def test_resume_only_under_the_same_hash(tmp_path):

@@ -20,7 +20,7 @@ from minima_cli.stages.prune import run_prune
 from minima_cli.stages.score import run_score
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def smollm2_gguf() -> Path:

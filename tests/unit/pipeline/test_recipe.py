@@ -21,7 +21,7 @@ from minima_cli.pipeline.memory import (
 from minima_cli.pipeline.recipe import load_recipe, validate
 from minima_cli.pipeline.stamps import hashed_options, stage_hash
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 
 
 @pytest.fixture
