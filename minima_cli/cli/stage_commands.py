@@ -126,7 +126,7 @@ def make_command(stage: Stage) -> Any:
                              progress=not params["quiet"])
         result = stage.run(config, control)
         if result is not None:  # None: not the main rank
-            PRINTERS[stage.name](config, result)
+            PRINTERS.get(stage.name, print_output)(config, result)
 
     params = typer_parameters(stage)
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -142,6 +142,11 @@ def register(app: typer.Typer) -> None:
 
 
 # --- what each stage prints after its run ---------------------------------------------------------
+
+
+def print_output(config: Any, result: Any) -> None:
+    """A stage without a printer of its own: where it wrote."""
+    out.print(f"done -> {getattr(config, 'output', None)}")
 
 
 def print_tiny(config: Any, manifest: dict[str, Any]) -> None:
