@@ -25,19 +25,17 @@ from pathlib import Path
 
 import torch
 
+from minima_cli.minidisc import choose_assistant, dev_metric, spearman
 from minima_cli.model.arch import shape_from_config
 from minima_cli.model.checkpoint import load_config, load_tokenizer, resolve_model
 from minima_cli.model.scores import load_scores
 from minima_cli.stages.configs import DistillConfig
 from minima_cli.stages.schedule import (
     build_candidates,
-    choose_assistant,
     dev_blocks,
-    dev_metric,
     distil_chain,
     resolve_student,
     run_schedule,
-    spearman,
     stage_config,
 )
 from minima_cli.stages.score import run_score

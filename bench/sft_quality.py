@@ -33,10 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minima_cli.data.chat import chat_template_of
 from minima_cli.model.checkpoint import load_tokenizer, resolve_model  # noqa: E402
-from minima_cli.stages.configs import (
-    EvalConfig,  # noqa: E402
-    SftConfig,  # noqa: E402
-)
+from minima_cli.stages.configs import EvalConfig, SftConfig
 from minima_cli.stages.evaluate import run_eval
 from minima_cli.stages.sft import prepare_chat, run_sft
 from minima_cli.stages.tiny import build_tiny_world  # noqa: E402

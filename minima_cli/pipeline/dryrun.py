@@ -15,9 +15,10 @@ from rich.table import Table
 from minima_cli.errors import MinimaError
 from minima_cli.model.arch import ModelShape, count_parameters
 from minima_cli.pipeline.memory import activation_bytes, gigabytes, token_budget, zero_memory
-from minima_cli.pipeline.recipe import Recipe, references, stage_config
+from minima_cli.pipeline.recipe import Recipe, stage_config
 from minima_cli.pipeline.run import HASH_FILE, select_stages, stage_run_dir
 from minima_cli.pipeline.stamps import current_hash, read_stamp
+from minima_cli.pipeline.values import references
 from minima_cli.stages import TRAINING
 from minima_cli.units import format_count
 
@@ -26,7 +27,7 @@ def teacher_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
     """The teacher's shape and where it came from: its config on disk or `teacher_config`."""
     from minima_cli.model.arch import shape_from_config
     from minima_cli.model.checkpoint import load_config, resolve_model
-    from minima_cli.pipeline.recipe import model_config
+    from minima_cli.pipeline.values import model_config
 
     teacher = recipe.resolve(recipe.teacher) if recipe.teacher else None
     if teacher and Path(teacher).exists():

@@ -24,14 +24,9 @@ from rich.table import Table
 
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import MANIFEST, atomic_write_text
-from minima_cli.pipeline.recipe import (
-    STAGES,
-    Recipe,
-    references,
-    stage_config,
-    stage_inputs,
-)
+from minima_cli.pipeline.recipe import STAGES, Recipe, stage_config, stage_inputs
 from minima_cli.pipeline.stamps import current_hash, read_stamp, write_stamp
+from minima_cli.pipeline.values import references
 from minima_cli.runtime import rank_and_world
 from minima_cli.stages import DISTRIBUTED, TRAINING, RunControl, run_stage
 

@@ -42,7 +42,7 @@ def input_fingerprint(kind: str, value: Any) -> Any:
         return {name: input_fingerprint("model", path)
                 for name, _, path in (m.partition("=") for m in value)}
     if kind == "tasks":
-        from minima_cli.stages.evaluate import parse_task
+        from minima_cli.evaluation.tasks import parse_task
 
         found = []
         for task in value:

@@ -28,12 +28,7 @@ from minima_cli.data.read import read_documents
 from minima_cli.data.sources import DataSource, source_fingerprint
 from minima_cli.data.tokenize import tokenize_documents
 from minima_cli.errors import MinimaError
-from minima_cli.fsutil import (
-    atomic_output_dir,
-    check_output,
-    read_manifest,
-    write_manifest,
-)
+from minima_cli.fsutil import atomic_output_dir, check_output, read_manifest, write_manifest
 from minima_cli.model.arch import ModelShape, decoder_layers, residual_norms, shape_from_config
 from minima_cli.model.checkpoint import load_config, load_model, model_fingerprint, resolve_model
 from minima_cli.model.masks import AXES, Masks, masked

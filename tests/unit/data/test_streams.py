@@ -16,9 +16,10 @@ import minima_cli.data.tokenize as data
 from minima_cli.data.pack import pack_documents, pack_tokens, split_documents
 from minima_cli.data.sources import DataSource, parse_sources, tokenizer_fingerprint
 from minima_cli.data.streams import MixedBlockStream, prepare_data, shuffle_order
+from minima_cli.data.tiny_corpus import make_corpus
 from minima_cli.data.tokenize import TokenizedSource, tokenize_documents, tokenize_source
 from minima_cli.errors import MinimaError
-from minima_cli.stages.tiny import make_corpus, train_tokenizer
+from minima_cli.stages.tiny import train_tokenizer
 
 SEQ = 16
 

@@ -27,7 +27,8 @@ def test_distill_improves_the_pruned_student(tiny_world, pruned, tmp_path):
 def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
     other = tmp_path / "other"
     save_model(tiny_random_model("llama"), other)
-    from minima_cli.stages.tiny import make_corpus, train_tokenizer
+    from minima_cli.data.tiny_corpus import make_corpus
+    from minima_cli.stages.tiny import train_tokenizer
 
     train_tokenizer(make_corpus(50, seed=7), vocab_size=300).save_pretrained(other)
     broken = tmp_path / "broken"

@@ -11,10 +11,28 @@ import pytest
 import torch
 from conftest import run_cli, save_model, tiny_random_model
 
+from minima_cli.data.tiny_corpus import make_corpus
 from minima_cli.errors import MinimaError
+from minima_cli.evaluation.choice import (
+    McItem,
+    continuation_logliks,
+    encode_pair,
+    mc_choice_texts,
+    mc_context,
+    mc_predictions,
+    mc_requests,
+    mc_shots,
+    read_mc,
+    score_mc,
+)
+from minima_cli.evaluation.generation import GenItem, generate, match, read_gen, stop_token_ids
+from minima_cli.evaluation.harness import lm_eval_task
+from minima_cli.evaluation.perplexity import document_stream, perplexity_windows, strided_nll
+from minima_cli.evaluation.tasks import TaskSpec, parse_task
 from minima_cli.runtime import torch_threads
-from minima_cli.stages import evaluate as ev
-from minima_cli.stages.tiny import make_corpus, train_tokenizer
+from minima_cli.stages.configs import EvalConfig
+from minima_cli.stages.evaluate import compare, eval_mc, table_rows
+from minima_cli.stages.tiny import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +62,18 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def test_windows_by_example() -> None:
     # independent chunks: each chunk's first token has no context and is not scored
-    assert ev.perplexity_windows(10, 4, 4) == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
+    assert perplexity_windows(10, 4, 4) == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
     # stride 2: every token after the first scored once, with >= 2 tokens of context
-    assert ev.perplexity_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
-    assert ev.perplexity_windows(3, 8, 4) == [(0, 3, 1)]
-    assert ev.perplexity_windows(1, 8, 4) == []
+    assert perplexity_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    assert perplexity_windows(3, 8, 4) == [(0, 3, 1)]
+    assert perplexity_windows(1, 8, 4) == []
 
 
 @pytest.mark.parametrize("n", [2, 7, 33])
 @pytest.mark.parametrize(("length", "stride"), [(2, 1), (5, 1), (5, 3), (5, 4), (5, 5), (8, 8)])
 def test_windows_score_each_token_once(n: int, length: int, stride: int) -> None:
     scored = []
-    for begin, end, first in ev.perplexity_windows(n, length, stride):
+    for begin, end, first in perplexity_windows(n, length, stride):
         assert end - begin <= length and begin < first < end <= n
         assert begin % stride == 0
         scored += range(first, end)
@@ -69,7 +87,7 @@ def test_windows_score_each_token_once(n: int, length: int, stride: int) -> None
 @pytest.mark.parametrize(("length", "stride"), [(1, 1), (4, 0), (4, 5)])
 def test_windows_reject_bad_settings(length: int, stride: int) -> None:
     with pytest.raises(MinimaError, match="max-length|stride"):
-        ev.perplexity_windows(10, length, stride)
+        perplexity_windows(10, length, stride)
 
 
 def hand_nll(model, ids: list[int], length: int, stride: int) -> tuple[float, int]:
@@ -94,7 +112,7 @@ def hand_nll(model, ids: list[int], length: int, stride: int) -> tuple[float, in
 @pytest.mark.parametrize(("length", "stride"), [(8, 8), (8, 3), (8, 1), (30, 30)])
 def test_strided_nll_equals_hand_computation(model, length: int, stride: int) -> None:
     ids = torch.randint(96, (27,), generator=torch.Generator().manual_seed(1)).tolist()
-    nll, count = ev.strided_nll(model, ids, max_length=length, stride=stride, batch_size=3)
+    nll, count = strided_nll(model, ids, max_length=length, stride=stride, batch_size=3)
     expected, expected_count = hand_nll(model, ids, length, stride)
     assert count == expected_count
     assert nll == pytest.approx(expected, rel=1e-5)
@@ -102,7 +120,7 @@ def test_strided_nll_equals_hand_computation(model, length: int, stride: int) ->
 
 def test_stride_equal_to_max_length_is_independent_chunks(model) -> None:
     ids = torch.randint(96, (26,), generator=torch.Generator().manual_seed(2))
-    nll, count = ev.strided_nll(model, ids.tolist(), max_length=8, stride=8)
+    nll, count = strided_nll(model, ids.tolist(), max_length=8, stride=8)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for chunk in ids.split(8):  # 8, 8, 8, 2 tokens
@@ -113,12 +131,12 @@ def test_stride_equal_to_max_length_is_independent_chunks(model) -> None:
     assert nll == pytest.approx(total, rel=1e-5)
     # a smaller stride gives every token more context: here (a random model) just a different,
     # documented number, and one more token scored per chunk boundary
-    assert ev.strided_nll(model, ids.tolist(), max_length=8, stride=4)[1] == 25
+    assert strided_nll(model, ids.tolist(), max_length=8, stride=4)[1] == 25
 
 
 def test_document_stream_joins_with_eos(tokenizer) -> None:
     docs = ["one plus one is two.", "the dog runs."]
-    ids = ev.document_stream(tokenizer, docs)
+    ids = document_stream(tokenizer, docs)
     eos = tokenizer.eos_token_id
     first = tokenizer.encode(docs[0], add_special_tokens=False)
     second = tokenizer.encode(docs[1], add_special_tokens=False)
@@ -129,32 +147,32 @@ def test_document_stream_joins_with_eos(tokenizer) -> None:
 
 
 def test_mc_context_follows_lm_eval_layout() -> None:
-    shot = ev.McItem("two plus two is", ("four", "five"), 0)
-    item = ev.McItem("one plus one is", ("two", "three"), 0)
-    assert ev.mc_context(item, [shot, shot]) == (
+    shot = McItem("two plus two is", ("four", "five"), 0)
+    item = McItem("one plus one is", ("two", "three"), 0)
+    assert mc_context(item, [shot, shot]) == (
         "two plus two is four\n\ntwo plus two is four\n\none plus one is")
-    assert ev.mc_context(item, [], "letters") == "one plus one is\nA. two\nB. three\nAnswer:"
-    assert ev.mc_choice_texts(item, "letters") == ["A", "B"]
+    assert mc_context(item, [], "letters") == "one plus one is\nA. two\nB. three\nAnswer:"
+    assert mc_choice_texts(item, "letters") == ["A", "B"]
 
 
 def test_mc_predictions_acc_and_length_normalised() -> None:
     # summed log-likelihood prefers the short choice; per character the long one
-    assert ev.mc_predictions([-3.0, -4.0], ["a", "bbbb"]) == (0, 1)
-    assert ev.mc_predictions([-1.0, -9.0, -1.6], ["xx", "y", "zzzz"]) == (0, 2)
+    assert mc_predictions([-3.0, -4.0], ["a", "bbbb"]) == (0, 1)
+    assert mc_predictions([-1.0, -9.0, -1.6], ["xx", "y", "zzzz"]) == (0, 2)
 
 
 def test_encode_pair_moves_trailing_space_and_splits_the_joint_encoding(tokenizer) -> None:
-    context, cont = ev.encode_pair(tokenizer, "one plus one is ", "two")
+    context, cont = encode_pair(tokenizer, "one plus one is ", "two")
     assert context == tokenizer.encode("one plus one is")
     assert context + cont == tokenizer.encode("one plus one is two")
     assert tokenizer.decode(cont) == " two"
 
 
 def test_continuation_logliks_equal_explicit_gathers(model, tokenizer) -> None:
-    pairs = [ev.encode_pair(tokenizer, "the dog", " runs."),
-             ev.encode_pair(tokenizer, "three plus four is", " seven"),
-             ev.encode_pair(tokenizer, "a", " b c d e f g h i j k l m")]
-    got = ev.continuation_logliks(model, pairs, max_length=64, batch_size=2)
+    pairs = [encode_pair(tokenizer, "the dog", " runs."),
+             encode_pair(tokenizer, "three plus four is", " seven"),
+             encode_pair(tokenizer, "a", " b c d e f g h i j k l m")]
+    got = continuation_logliks(model, pairs, max_length=64, batch_size=2)
     for (context, cont), (loglik, greedy) in zip(pairs, got, strict=True):
         ids = context + cont
         with torch.no_grad():
@@ -166,14 +184,14 @@ def test_continuation_logliks_equal_explicit_gathers(model, tokenizer) -> None:
     # left truncation to max_length keeps the continuation and the newest context
     context, cont = pairs[1]
     assert len(context) > 3 >= len(cont)
-    short = ev.continuation_logliks(model, [pairs[1]], max_length=3, batch_size=1)[0][0]
+    short = continuation_logliks(model, [pairs[1]], max_length=3, batch_size=1)[0][0]
     ids = (context + cont)[-4:-1]
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
     expected = sum(logprobs[len(ids) - len(cont) + i, t].item() for i, t in enumerate(cont))
     assert short == pytest.approx(expected, rel=1e-5)
     with pytest.raises(MinimaError, match="does not fit --max-length 3"):
-        ev.continuation_logliks(model, [pairs[2]], max_length=3, batch_size=1)
+        continuation_logliks(model, [pairs[2]], max_length=3, batch_size=1)
 
 
 @pytest.mark.parametrize(("record", "message"), [
@@ -187,20 +205,20 @@ def test_read_mc_rejects_bad_records(tmp_path: Path, record: dict, message: str)
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": "ok", "choices": ["a", "b"],
                                                "answer": "B"}, record])
     with pytest.raises(MinimaError, match=f"q.jsonl:2: .*{message}"):
-        ev.read_mc(path)
+        read_mc(path)
 
 
 def test_read_mc_accepts_letters_and_categories(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "q.jsonl", [
         {"question": "x", "choices": ["a", "b", "c"], "answer": "C", "subject": "s"}])
-    assert ev.read_mc(path) == [ev.McItem("x", ("a", "b", "c"), 2, "s")]
+    assert read_mc(path) == [McItem("x", ("a", "b", "c"), 2, "s")]
 
 
 def test_score_mc_overall_and_by_category() -> None:
-    items = [ev.McItem("q", ("a", "bbb"), 0, "x"), ev.McItem("q", ("a", "bbb"), 1, "x"),
-             ev.McItem("q", ("a", "bbb"), 1, "y")]
+    items = [McItem("q", ("a", "bbb"), 0, "x"), McItem("q", ("a", "bbb"), 1, "x"),
+             McItem("q", ("a", "bbb"), 1, "y")]
     logliks = [-1.0, -2.0, -1.0, -2.0, -5.0, -2.0]  # acc picks a, a, bbb; acc_norm bbb, bbb, bbb
-    result = ev.score_mc(items, logliks, "cloze")
+    result = score_mc(items, logliks, "cloze")
     assert result["acc"] == pytest.approx(2 / 3)
     assert result["acc_norm"] == pytest.approx(2 / 3)
     assert result["by_category"] == {"x": {"acc": 0.5, "acc_norm": 0.5, "n": 2},
@@ -222,14 +240,14 @@ def test_mc_agrees_with_lm_eval_harness(tiny_world: Path, tmp_path: Path, style:
     source = resolve_model(tiny_world / "teacher")
     model, tok = load_model(source), load_tokenizer(source)
     data = tiny_world / "data"
-    spec = ev.parse_task(f"mc:{data / 'eval_mc.jsonl'}:shots={shots},"
+    spec = parse_task(f"mc:{data / 'eval_mc.jsonl'}:shots={shots},"
                          f"dev={data / 'eval_mc_dev.jsonl'},style={style}")
     limit = 16
-    ours = ev.eval_mc(model, tok, spec, 64, ev.EvalConfig(limit=limit), False, lambda n: None)
+    ours = eval_mc(model, tok, spec, 64, EvalConfig(limit=limit), False, lambda n: None)
 
     workdir = tmp_path / "tasks"
     workdir.mkdir()
-    name, include, n_shots = ev.lm_eval_task(spec, workdir)
+    name, include, n_shots = lm_eval_task(spec, workdir)
     out = lm_eval.simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tok, batch_size=8, max_length=64, device="cpu"),
         tasks=[name], num_fewshot=n_shots, limit=limit, bootstrap_iters=0,
@@ -238,9 +256,9 @@ def test_mc_agrees_with_lm_eval_harness(tiny_world: Path, tmp_path: Path, style:
     assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-9)
     assert ours["acc_norm"] == pytest.approx(theirs["acc_norm,none"], abs=1e-9)
 
-    items = ev.read_mc(data / "eval_mc.jsonl")[:limit]
-    pairs = ev.mc_requests(items, ev.mc_shots(spec), style, tok)
-    logliks = [ll for ll, _ in ev.continuation_logliks(model, pairs, max_length=64,
+    items = read_mc(data / "eval_mc.jsonl")[:limit]
+    pairs = mc_requests(items, mc_shots(spec), style, tok)
+    logliks = [ll for ll, _ in continuation_logliks(model, pairs, max_length=64,
                                                        batch_size=8)]
     harness = [float(r[0][0]) for s in sorted(out["samples"][name], key=lambda s: s["doc_id"])
                for r in s["resps"]]
@@ -252,10 +270,10 @@ def test_mc_agrees_with_lm_eval_harness(tiny_world: Path, tmp_path: Path, style:
 
 
 def test_match_modes() -> None:
-    assert ev.match(" five\n", ["five"], "exact")
-    assert not ev.match("five.", ["five"], "exact")
-    assert ev.match("it is five.", ["four", "five"], "contains")
-    assert not ev.match("Five", ["five"], "contains")
+    assert match(" five\n", ["five"], "exact")
+    assert not match("five.", ["five"], "exact")
+    assert match("it is five.", ["four", "five"], "contains")
+    assert not match("Five", ["five"], "contains")
 
 
 def test_read_gen_renders_chat_with_chatml(tmp_path: Path, tokenizer) -> None:
@@ -263,33 +281,33 @@ def test_read_gen_renders_chat_with_chatml(tmp_path: Path, tokenizer) -> None:
         {"messages": [{"role": "user", "content": "what is one plus one?"},
                       {"role": "assistant", "content": "two"}]},
         {"prompt": "one plus one is", "answer": ["two", "2"]}])
-    chat, plain = ev.read_gen(path, tokenizer)
-    assert chat == ev.GenItem("<|im_start|>user\nwhat is one plus one?<|im_end|>\n"
+    chat, plain = read_gen(path, tokenizer)
+    assert chat == GenItem("<|im_start|>user\nwhat is one plus one?<|im_end|>\n"
                               "<|im_start|>assistant\n", ("two",), True)
-    assert plain == ev.GenItem("one plus one is", ("two", "2"), False)
+    assert plain == GenItem("one plus one is", ("two", "2"), False)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [
         {"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}])
     with pytest.raises(MinimaError, match="bad.jsonl:1: the last message must be the assistant"):
-        ev.read_gen(bad, tokenizer)
+        read_gen(bad, tokenizer)
 
 
 def test_generate_batched_equals_one_by_one_and_sampling_is_seeded(model, tokenizer) -> None:
-    items = [ev.GenItem("the dog", ("x",), False),
-             ev.GenItem("three plus four is seven. two plus", ("x",), False)]
+    items = [GenItem("the dog", ("x",), False),
+             GenItem("three plus four is seven. two plus", ("x",), False)]
     kwargs = {"max_new_tokens": 6, "top_p": 1.0, "max_length": 64}
-    together = ev.generate(model, tokenizer, items, temperature=0, batch_size=2, seed=0, **kwargs)
-    alone = ev.generate(model, tokenizer, items, temperature=0, batch_size=1, seed=0, **kwargs)
+    together = generate(model, tokenizer, items, temperature=0, batch_size=2, seed=0, **kwargs)
+    alone = generate(model, tokenizer, items, temperature=0, batch_size=1, seed=0, **kwargs)
     assert together == alone
     for item, text in zip(items, together, strict=True):  # greedy: argmax, token by token
         ids, new = tokenizer.encode(item.prompt), []
         with torch.no_grad():
             while len(new) < 6:
                 token = model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax().item()
-                if token in ev.stop_token_ids(tokenizer):
+                if token in stop_token_ids(tokenizer):
                     break
                 new.append(token)
         assert text == tokenizer.decode(new)
-    sampled = [ev.generate(model, tokenizer, items, temperature=1.0, batch_size=2, seed=s,
+    sampled = [generate(model, tokenizer, items, temperature=1.0, batch_size=2, seed=s,
                            **kwargs) for s in (3, 3, 4)]
     assert sampled[0] == sampled[1] != sampled[2]
 
@@ -301,13 +319,13 @@ def test_parse_task_kinds_and_options(tmp_path: Path) -> None:
     mc = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
     dev = write_jsonl(tmp_path / "dev.jsonl", [{"question": "q", "choices": ["a", "b"],
                                                 "answer": 1}])
-    spec = ev.parse_task(f"mc:{mc}:shots=1,dev={dev}")
+    spec = parse_task(f"mc:{mc}:shots=1,dev={dev}")
     assert (spec.kind, spec.target, spec.options) == ("mc", str(mc), {"shots": "1",
                                                                        "dev": str(dev)})
     assert spec.name == "mc:q:1-shot"
-    assert ev.parse_task(str(mc)).kind == "mc"  # a bare file is typed by its records
-    assert ev.parse_task("hellaswag", backend="lm-eval") == ev.TaskSpec("lm-eval", "hellaswag")
-    assert ev.parse_task("lm-eval:arc_easy:shots=25").options == {"shots": "25"}
+    assert parse_task(str(mc)).kind == "mc"  # a bare file is typed by its records
+    assert parse_task("hellaswag", backend="lm-eval") == TaskSpec("lm-eval", "hellaswag")
+    assert parse_task("lm-eval:arc_easy:shots=25").options == {"shots": "25"}
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -322,7 +340,7 @@ def test_parse_task_kinds_and_options(tmp_path: Path) -> None:
 def test_parse_task_errors(tmp_path: Path, text: str, message: str) -> None:
     mc = write_jsonl(tmp_path / "q.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0}])
     with pytest.raises(MinimaError, match=message):
-        ev.parse_task(text.format(mc=mc))
+        parse_task(text.format(mc=mc))
 
 
 def test_compare_and_table_rows() -> None:
@@ -332,9 +350,9 @@ def test_compare_and_table_rows() -> None:
     second = {"parameters": 6, "tokens_per_second": None, "tasks": {
         "mc:q": {"acc": 0.75, "n": 4, "by_category": {"x": {"acc": 0.5, "n": 2}}},
         "ppl:v": {"ppl": 5.5, "tokens": 9}}}
-    assert ev.compare([first, second])[1] == {"mc:q": {"acc": 0.25, "acc/x": 0.25},
+    assert compare([first, second])[1] == {"mc:q": {"acc": 0.25, "acc/x": 0.25},
                                               "ppl:v": {"ppl": 1.5}}
-    rows = ev.table_rows([first, second])
+    rows = table_rows([first, second])
     assert rows[0] == ["", "parameters", "10", "6"]
     assert rows[1] == ["", "tokens/s", "5", "-"]
     assert ["mc:q", "acc/x", "0.2500", "0.5000 (+0.2500)"] in rows

@@ -17,6 +17,15 @@ from conftest import run_cli, save_model, tiny_random_model
 from minima_cli.cli.app import main
 from minima_cli.errors import MinimaError
 from minima_cli.losses import distillation_loss, next_token_labels
+from minima_cli.minidisc import (
+    candidate_shapes,
+    choose_assistant,
+    kendall,
+    parse_sparsities,
+    relative_plan,
+    sandwich_widths,
+    spearman,
+)
 from minima_cli.model.arch import ModelShape, count_parameters, shape_from_config
 from minima_cli.model.checkpoint import resolve_model
 from minima_cli.model.masks import masked
@@ -25,19 +34,7 @@ from minima_cli.model.selection import plan_masks, plan_prune
 from minima_cli.model.shapes import resolve_target
 from minima_cli.stages import schedule
 from minima_cli.stages.configs import DistillConfig
-from minima_cli.stages.schedule import (
-    build_candidates,
-    candidate_shapes,
-    choose_assistant,
-    kendall,
-    materialise,
-    parse_sparsities,
-    relative_plan,
-    sandwich_step,
-    sandwich_widths,
-    spearman,
-    train_sandwich,
-)
+from minima_cli.stages.schedule import build_candidates, materialise, sandwich_step, train_sandwich
 from minima_cli.training.loop import LocalSession, default_device
 
 

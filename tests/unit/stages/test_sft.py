@@ -327,7 +327,7 @@ def test_a_tokenizer_without_chatml_tokens_gets_them(world, tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-    from minima_cli.stages.tiny import make_corpus
+    from minima_cli.data.tiny_corpus import make_corpus
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from minima_cli.errors import MinimaError
-from minima_cli.stages.tiny import (
+from minima_cli.data.tiny_corpus import (
     _GRAMMAR,
     ASKABLE_TEMPLATES,
     ATTRIBUTE_VALUES,
@@ -21,15 +20,13 @@ from minima_cli.stages.tiny import (
     IM_END,
     IM_START,
     NUMBER_WORDS,
-    build_tiny_world,
     make_chat_sets,
     make_corpus,
     make_facts,
     make_mc_sets,
-    pretrain,
-    tiny_llama_config,
-    train_tokenizer,
 )
+from minima_cli.errors import MinimaError
+from minima_cli.stages.tiny import build_tiny_world, pretrain, tiny_llama_config, train_tokenizer
 
 
 def test_make_facts_is_a_deterministic_closed_table() -> None:
