@@ -58,6 +58,8 @@ def parse_law_params(text: str, names: Sequence[str]) -> dict[str, float]:
             values[key] = float(raw)
         except ValueError:
             raise MinimaError(f"{key}={raw.strip()!r} is not a number") from None
+        if not math.isfinite(values[key]):  # float() takes 'nan' and 'inf'; no law has them
+            raise MinimaError(f"{key}={raw.strip()} in {text!r} must be a finite number")
     missing = [name for name in names if name not in values]
     if missing:
         raise MinimaError(f"{text!r} is missing {', '.join(missing)}")
@@ -147,6 +149,10 @@ def optimal_teacher_size(student_params: float, law: CapacityGapLaw = PAPER_LAW)
     if teacher <= 0:
         raise MinimaError(f"student size {format_count(student)} is below the range of the "
                           f"capacity-gap law (optimal teacher {teacher:.3g} <= 0)")
+    if not teacher > student:  # a teacher no larger than its student is no answer
+        raise MinimaError(f"student size {format_count(student)} is outside the range of the "
+                          f"capacity-gap law: its optimal teacher ({format_count(teacher)}) "
+                          "would not be larger than the student")
     return teacher
 
 
@@ -159,6 +165,10 @@ def student_size_for_teacher(teacher_params: float, law: CapacityGapLaw = PAPER_
     if student <= 0:
         raise MinimaError(f"teacher size {format_count(teacher)} is below the range of the "
                           f"capacity-gap law (student {student:.3g} <= 0)")
+    if not student < teacher:  # e.g. a 1K teacher "keeping 460328 %": pruning cannot grow
+        raise MinimaError(f"teacher size {format_count(teacher)} is outside the range of the "
+                          f"capacity-gap law: the student it is optimal for "
+                          f"({format_count(student)}) would not be smaller than the teacher")
     return student
 
 

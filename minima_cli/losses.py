@@ -317,7 +317,9 @@ class _ChunkedKD(torch.autograd.Function):
             if need_grad:
                 if dropped is not None:
                     g.index_fill_(0, dropped, 0)
-                grad[index, :V] = g
+                # a bf16 student (autocast) gets its gradient rounded once, here: index_put
+                # (gathered rows) does not convert dtypes as a slice assignment does
+                grad[index, :V] = g.to(grad.dtype)
         ctx.grad = grad if need_grad else None
         ctx.scale = _grad_scale(spec) / max(len(rows), 1)
         total, kd, ce = _finish(kd, ce, len(rows), spec)

@@ -48,3 +48,33 @@ def torch_threads(n: int) -> Iterator[None]:
 def torch_dtype(name: str) -> torch.dtype | None:
     """A dtype option ("auto", "float32", "bfloat16", "float16") as torch's; auto is None."""
     return None if name == "auto" else getattr(torch, name)
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def hub_unreachable(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (an offline switch is set, or its host
+    does not resolve within `timeout` s), or None. Asked before anything would try the hub, so a
+    missing local path that looks like a hub name fails at once instead of after retries."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    for name in OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{name} is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    found: list[bool] = []
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            found.append(True)
+        except OSError:
+            found.append(False)
+
+    thread = threading.Thread(target=resolve, daemon=True)  # getaddrinfo has no timeout
+    thread.start()
+    thread.join(timeout)
+    return None if found and found[0] else f"no network ({host} does not resolve)"

@@ -5,6 +5,7 @@ A user error prints one line, `error: ...`, and exits 2; never a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from minima_cli import __version__
 from minima_cli.cli.stage_commands import register
-from minima_cli.errors import MinimaError
+from minima_cli.errors import MinimaError, first_line
 
 try:  # typer >= 0.26 vendors its own click
     from typer._click import exceptions as click_errors
@@ -239,13 +240,17 @@ def density(
             return make(**laws.parse_law_params(params, names))
         return fit(read_points(points, f"--{what}-points"))
 
-    report = laws.density_report(
-        model(teacher, "--teacher"), model(student, "--student"),
-        law_from(loss_law, loss_points, laws.LOSS_NAMES, laws.fit_loss_law, laws.LossLaw, "loss"),
-        law_from(perf_law, perf_points, laws.PERFORMANCE_NAMES, laws.fit_performance_law,
-                 laws.PerformanceLaw, "perf"),
-        laws.parse_params(d0, "--d0"),
-    )
+    loss = law_from(loss_law, loss_points, laws.LOSS_NAMES, laws.fit_loss_law, laws.LossLaw,
+                    "loss")
+    perf = law_from(perf_law, perf_points, laws.PERFORMANCE_NAMES, laws.fit_performance_law,
+                    laws.PerformanceLaw, "perf")
+    check_density_laws(loss, perf)
+    try:
+        report = laws.density_report(model(teacher, "--teacher"), model(student, "--student"),
+                                     loss, perf, laws.parse_params(d0, "--d0"))
+    except (ZeroDivisionError, OverflowError):  # e.g. a size of 0 or 1e400 from valid laws
+        raise MinimaError("these laws give no finite effective size for the teacher or the "
+                          "student (check the laws and the scores)") from None
     if as_json:
         print_json(report)
     else:
@@ -263,13 +268,33 @@ def density(
         Console(stderr=True).print(f"[yellow]warning: {report['warning']}[/yellow]")
 
 
+def check_density_laws(loss_law: object, perf_law: object) -> None:
+    """Laws `density` can invert: finite parameters, a > 0 and alpha > 0 (N_hat divides by
+    them), b >= 0 and beta >= 0, c and gamma non-zero (L_hat divides by them). A law of zeros
+    would otherwise be a ZeroDivisionError traceback."""
+    import math
+
+    rules = (("--loss-law", loss_law, "a", "positive", lambda v: v > 0),
+             ("--loss-law", loss_law, "alpha", "positive", lambda v: v > 0),
+             ("--loss-law", loss_law, "b", ">= 0", lambda v: v >= 0),
+             ("--loss-law", loss_law, "beta", ">= 0", lambda v: v >= 0),
+             ("--perf-law", perf_law, "c", "non-zero", lambda v: v != 0),
+             ("--perf-law", perf_law, "gamma", "non-zero", lambda v: v != 0),
+             ("--perf-law", perf_law, "l", "finite", lambda v: True),
+             ("--perf-law", perf_law, "d", "finite", lambda v: True))
+    for flag, law, key, want, holds in rules:
+        value = getattr(law, key)
+        if not (math.isfinite(value) and holds(value)):
+            raise MinimaError(f"{flag}: {key} must be {want} and finite, got {value:g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one `error:` line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command = typer.main.get_command(app)
+    args = argv if argv is not None else sys.argv[1:]
     try:
-        command.main(args=argv if argv is not None else sys.argv[1:], prog_name="minima",
-                     standalone_mode=False)
+        code = command.main(args=args, prog_name="minima", standalone_mode=False)
     except MinimaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -288,6 +313,56 @@ def main(argv: list[str] | None = None) -> int:
         print("error: aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(interrupted_message(args), file=sys.stderr)
         return 130
-    return 0
+    except Exception as error:
+        message = environment_fault(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit code 130
+        print(interrupted_message(args), file=sys.stderr)
+    return code if isinstance(code, int) else 0
+
+
+def interrupted_message(args: list[str]) -> str:
+    """One line after Ctrl-C that says how to go on from where the run stopped."""
+    from minima_cli.stages import TRAINING
+
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in TRAINING:
+        return (f"error: interrupted: `minima {command} ... --resume` (the same options) "
+                "continues from the newest checkpoint")
+    if command == "run":
+        return ("error: interrupted: run the same `minima run` again; finished stages are "
+                "kept and a training stage resumes")
+    return "error: interrupted: nothing was written; run the command again"
+
+
+# errnos that mean the machine, not the command, is at fault: one line and exit 1
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                      errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                      errno.EPERM: "operation not permitted", errno.ENOTDIR: "not a directory",
+                      errno.EIO: "input/output error"}
+ENVIRONMENT_TEXTS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                     "Permission denied")
+
+
+def environment_fault(error: BaseException) -> str | None:
+    """One line for an environment fault (disk full, read-only or unwritable output, a parent
+    that is a file), found on the error or its causes; None for anything else (a bug: the
+    traceback is kept). Libraries that write in native code (safetensors) report the OS error
+    in their message only."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in ENVIRONMENT_ERRNOS:
+            what = seen.strerror or ENVIRONMENT_ERRNOS[seen.errno]
+            where = f"{seen.filename}: " if seen.filename else ""
+            return f"{where}{what}"
+        text = str(seen)
+        for known in ENVIRONMENT_TEXTS:
+            if known in text:
+                return first_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -70,11 +70,13 @@ def merged_params(ctx: typer.Context, config_file: Path | None, section: str) ->
     the default (flags win). The file may hold the keys at top level or under `section:`."""
     import yaml
 
+    from minima_cli.pipeline.recipe import safe_load_unique
+
     params = dict(ctx.params)
     if config_file is None:
         return params
     try:
-        loaded = yaml.safe_load(Path(config_file).read_text())
+        loaded = safe_load_unique(Path(config_file).read_text())
     except FileNotFoundError:
         raise MinimaError(f"--config: file not found: {config_file}") from None
     except (UnicodeDecodeError, IsADirectoryError):
@@ -88,7 +90,12 @@ def merged_params(ctx: typer.Context, config_file: Path | None, section: str) ->
     by_name = {p.name: p for p in ctx.command.params}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
-        if name not in by_name or name in CONTROLS:
+        if name in CONTROLS:
+            switches = ", ".join(f"--{c}" for c in CONTROLS if c in by_name)
+            raise MinimaError(f"{config_file}: {section}.{key}: --{name.replace('_', '-')} is a "
+                              f"command-line switch, not a config key ({switches} are given "
+                              "on the command line)")
+        if name not in by_name:
             close = difflib.get_close_matches(name, [n for n in by_name if n not in CONTROLS],
                                               n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -124,7 +131,10 @@ def make_command(stage: Stage) -> Any:
         config = config_from_params(stage, params)
         control = RunControl(force=params["force"], resume=params.get("resume", False),
                              progress=not params["quiet"])
-        result = stage.run(config, control)
+        from minima_cli.pipeline.guard import guarded
+
+        with guarded(config, training=stage.training):
+            result = stage.run(config, control)
         if result is not None:  # None: not the main rank
             PRINTERS.get(stage.name, print_output)(config, result)
 
@@ -232,7 +242,7 @@ def print_sft(config: Any, manifest: dict[str, Any]) -> None:
     cut = summary["train_truncated"] + summary["valid_truncated"]
     if cut:
         Console(stderr=True).print(f"[yellow]warning: {cut} conversations were longer than "
-                                   f"--seq-len {config.seq_len} and cut "
+                                   f"--seq-len {summary['seq_len']} and cut "
                                    f"({summary['train_dropped'] + summary['valid_dropped']} "
                                    "dropped: no assistant token left)[/yellow]")
 
@@ -251,6 +261,16 @@ def print_eval(config: Any, results: dict[str, Any]) -> None:
     out.print(table)
 
 
+def print_export(config: Any, manifest: dict[str, Any]) -> None:
+    m = manifest["metrics"]
+    fallback = f", {len(m['fallback_f16'])} tensors f16 (rows not blocks of 32)" \
+        if m["fallback_f16"] else ""
+    out.print(f"{config.type} GGUF -> {config.output}: {m['file_bytes'] / 1e6:.2f} MB, "
+              f"{m['parameters']:,} parameters, {m['bits_per_weight']:.2f} bits/weight, "
+              f"{m['tensors']} tensors{fallback}, {manifest['wall_time_s']:.1f}s")
+
+
 PRINTERS = {"tiny": print_tiny, "score": print_score, "prune": print_prune,
             "distill": print_distill, "cache-teacher": print_cache_teacher,
-            "schedule": print_schedule, "sft": print_sft, "eval": print_eval}
+            "schedule": print_schedule, "sft": print_sft, "eval": print_eval,
+            "export": print_export}

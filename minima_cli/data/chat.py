@@ -108,7 +108,31 @@ def to_messages(record: Any, where: str) -> tuple[str, list[dict[str, str]]]:
         raise MinimaError(f"{where}: unknown chat format (fields: {present}); {FORMAT_HELP}")
     if not any(m["role"] == "assistant" for m in messages):
         raise MinimaError(f"{where}: the conversation has no assistant turn (nothing to learn)")
+    check_turn_order(messages, where)
     return kind, messages
+
+
+# The roles that may follow each role (None: the conversation's start): an optional system
+# message first, then user and assistant alternating from a user turn; tool results follow an
+# assistant turn (its call) and are answered by the assistant. Chat templates assume this order
+# and some refuse others; a model tuned on other orders learns prompts it will never be given.
+NEXT_ROLES: dict[str | None, tuple[str, ...]] = {
+    None: ("system", "user"), "system": ("user",), "user": ("assistant",),
+    "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
+ORDER_RULE = ("an optional system message first, then user and assistant turns alternating from "
+              "a user turn, tool turns only after an assistant turn")
+
+
+def check_turn_order(messages: Sequence[dict[str, str]], where: str) -> None:
+    """One clear line for the first message out of the order NEXT_ROLES allows."""
+    previous: str | None = None
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role not in NEXT_ROLES[previous]:
+            wrong = (f"'{role}' cannot follow '{previous}'" if previous else
+                     f"a conversation cannot start with '{role}'")
+            raise MinimaError(f"{where}: message {i}: {wrong}; a conversation is {ORDER_RULE}")
+        previous = role
 
 
 def _string(record: dict, name: str, where: str) -> str:

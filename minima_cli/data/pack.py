@@ -4,6 +4,8 @@ and cut the stream into `[n_blocks, seq_len]` blocks, dropping the ragged tail.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -69,3 +71,42 @@ def pack_tokens(
     """The blocks of `documents` (indices; None = all) of a flat source, each document followed
     by EOS (int32 blocks: half the memory; batches are widened)."""
     return blocks_from_stream(separated_stream(flat, documents, eos_id), seq_len)
+
+
+# The seed tag of the bounded validation set (`--valid-tokens`), beside data/seeds.py's tags.
+VALID_TOKENS = 4
+
+VALID_DRAW = 1024  # candidate documents drawn at a time
+
+
+def held_out_by_tokens(lengths: Any, n_documents: int, budget: int, *, seed: int,
+                       source_index: int = 0) -> np.ndarray:
+    """Documents held out for a validation set of at least `budget` tokens (each document's
+    tokens plus its EOS), drawn in a seeded random order from `[seed, VALID_TOKENS, source]`
+    until the budget is met; sorted. Costs O(held-out documents) whatever the corpus size:
+    candidates are drawn with replacement and repeats skipped, no permutation of the corpus.
+
+    `lengths(i)` is document i's token count (a store reads it from its memory map)."""
+    total_needed = int(budget)
+    if total_needed < 1:
+        raise MinimaError(f"valid_tokens must be positive, got {budget}")
+    rng = np.random.default_rng([seed, VALID_TOKENS, source_index])
+    chosen: dict[int, None] = {}
+    got = 0
+    while got < total_needed:
+        if len(chosen) == n_documents:
+            raise MinimaError(
+                f"the validation set of {total_needed} tokens takes every document "
+                f"({got} tokens with separators): nothing is left for training; lower "
+                "--valid-tokens")
+        for i in rng.integers(0, n_documents, VALID_DRAW).tolist():
+            if i in chosen:
+                continue
+            chosen[i] = None
+            got += int(lengths(i)) + 1
+            if got >= total_needed:
+                break
+    if len(chosen) == n_documents:
+        raise MinimaError(f"the validation set of {total_needed} tokens takes every document: "
+                          "nothing is left for training; lower --valid-tokens")
+    return np.array(sorted(chosen), dtype=np.int64)

@@ -90,21 +90,45 @@ def _read_file(path: Path, text_field: str) -> Iterable[str]:
     raise MinimaError(f"unsupported data file {path} (expected one of {kinds}, or a directory)")
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file. Binary data (a NUL byte) or bytes that are not
+    UTF-8 are one MinimaError naming the file and line, not a UnicodeDecodeError traceback (or,
+    worse, a model trained on binary garbage)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if "\0" in line:
+                    raise MinimaError(f"{path}:{lineno}: binary data (a NUL byte), not text")
+                yield lineno, line
+    except UnicodeDecodeError:
+        raise MinimaError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text") from None
+
+
+def first_bad_utf8_line(path: Path) -> int:
+    """The line number of the first line that is not valid UTF-8 (a second, binary pass: only
+    taken once decoding has failed, to name the line)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
+
+
 def _read_txt(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f if line.strip()]
+    return [line.rstrip("\r\n") for _, line in text_lines(path) if line.strip()]
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, record) for each non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MinimaError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MinimaError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
 
 
 def read_records(path: str | Path) -> list[tuple[str, Any]]:
@@ -139,6 +163,8 @@ def _load_json(path: Path) -> Any:
     """The value of a .json file, or `_JSON_LINES` when it holds several top-level values."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MinimaError(f"{path}:{first_bad_utf8_line(path)}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":
             return _JSON_LINES

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minima_cli.data.read import data_files, looks_like_hub_name
+from minima_cli.data.read import SUPPORTED_SUFFIXES, data_files, looks_like_hub_name
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import file_sha256
 
 STATE_VERSION = 1
+STORE_MANIFEST = "store.json"  # what makes a directory a token store (data/store.py)
 
 def _is_number(text: str) -> bool:
     try:
@@ -116,11 +117,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def source_fingerprint(source: DataSource) -> str:
     """Identity of a source's content: the sha256 of a file, of every data file (with its relative
-    path) of a directory, or `hub:<name>` for a hub dataset (its revision is not tracked)."""
+    path) of a directory, `store:<sha256>` for a token store (data/store.py: its manifest's
+    tokenizer, sources and shard hashes), or `hub:<name>` for a hub dataset (its revision is not
+    tracked)."""
     path = Path(source.path_or_name).expanduser()
+    if path.is_dir() and (path / STORE_MANIFEST).is_file():
+        from minima_cli.data.store import TokenStore
+
+        return TokenStore(path).fingerprint
+    if path.is_dir() and any(path.glob("tokens-*.bin")):
+        raise MinimaError(f"{path}: token shards but no {STORE_MANIFEST} (an unfinished copy or "
+                          "build?): rebuild it with `minima tokenize`")
     if path.is_dir():
         digest = hashlib.sha256()
-        for file in data_files(path):
+        for file in data_files(path, (*SUPPORTED_SUFFIXES, ".arrow")):
             digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
         return digest.hexdigest()
     if path.exists():
@@ -139,6 +149,7 @@ def data_fingerprint(
     seed: int,
     valid_fraction: float = 0.0,
     valid_documents: int = 0,
+    valid_tokens: int = 0,
 ) -> str:
     """sha256 of everything that decides the training blocks and their order: a resume whose
     fingerprint differs would silently train on other data, so it is refused. The source paths
@@ -156,4 +167,6 @@ def data_fingerprint(
         "valid_fraction": float(valid_fraction),
         "valid_documents": int(valid_documents),
     }
+    if valid_tokens:  # only when used, so the fingerprints of existing runs do not change
+        config["valid_tokens"] = int(valid_tokens)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from minima_cli.data.pack import blocks_from_stream, pack_tokens, separated_stream, split_documents
+from minima_cli.data.pack import (
+    blocks_from_stream,
+    held_out_by_tokens,
+    pack_tokens,
+    separated_stream,
+    split_documents,
+)
 from minima_cli.data.position import ResumableStream
 from minima_cli.data.seeds import MIX, SHUFFLE, permutation
 from minima_cli.data.sources import (
@@ -28,17 +34,19 @@ from minima_cli.data.sources import (
     source_fingerprint,
     tokenizer_fingerprint,
 )
+from minima_cli.data.store import StoreBlocks, TokenStore, held_stream, is_store
 from minima_cli.data.tokenize import tokenize_source
 from minima_cli.errors import MinimaError
 
 
 @dataclass
 class PreparedData:
-    """A run's data: per-source training blocks (int32 `[n_i, seq_len]`), the validation blocks
-    (int64 `[n_valid, seq_len]`, no rows without a split) and the data fingerprint."""
+    """A run's data: per-source training blocks (int32 `[n_i, seq_len]`: a tensor, or for a token
+    store a `StoreBlocks` read on demand), the validation blocks (int64 `[n_valid, seq_len]`, no
+    rows without a split) and the data fingerprint."""
 
     sources: list[DataSource]
-    train: list[torch.Tensor]
+    train: list[Any]
     valid: torch.Tensor
     seq_len: int
     seed: int
@@ -74,11 +82,18 @@ def prepare_data(
     valid_documents: int = 0,
     cache_dir: str | Path | None = None,
     text_field: str = "text",
+    valid_tokens: int = 0,
 ) -> PreparedData:
     """Parse, tokenize (cached), split and pack the sources of a run.
 
     Each source holds out its own `valid_fraction` / `valid_documents` documents; the held-out
-    documents of all sources form one validation stream, packed like the training blocks.
+    documents of all sources form one validation stream, packed like the training blocks. With
+    `valid_tokens` (which overrides `valid_fraction`) each source holds out seeded random
+    documents until its share of `valid_tokens` is met, and the validation set is exactly
+    `valid_tokens // seq_len` blocks: an evaluation costs the same whatever the corpus size.
+
+    A token store (a directory with `store.json`, data/store.py) is a source too: its training
+    blocks are read from the memory map on demand (`StoreBlocks`), never held in memory.
     """
     sources = parse_sources(sources, text_field)
     _check_seed(seed)
@@ -88,17 +103,43 @@ def prepare_data(
     if eos_id is None:
         raise MinimaError("the tokenizer has no EOS token, which separates packed documents")
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
+    if valid_tokens < 0:
+        raise MinimaError(f"valid_tokens must be >= 0, got {valid_tokens}")
+    if valid_tokens:
+        if valid_tokens < seq_len:
+            raise MinimaError(f"--valid-tokens {valid_tokens} is less than one block of "
+                              f"seq_len={seq_len}")
+        valid_fraction, budget = 0.0, -(-valid_tokens // len(sources))  # each source's share
     contents = [source_fingerprint(s) for s in sources]
-    train, valid_parts = [], []
+    train: list[Any] = []
+    valid_parts = []
     for i, (source, content) in enumerate(zip(sources, contents, strict=True)):
+        try:
+            if is_store(source.path_or_name):
+                blocks, held = _store_source(
+                    source, tokenizer_fp, seq_len, eos_id, seed=seed, source_index=i,
+                    valid_fraction=valid_fraction, valid_documents=valid_documents,
+                    valid_budget=budget if valid_tokens else 0)
+                train.append(blocks)
+                if held is not None:
+                    valid_parts.append(held)
+                continue
+        except MinimaError as e:
+            raise MinimaError(f"data source {source.path_or_name}: {e}") from None
         flat = tokenize_source(
             source, tokenizer, cache_dir, content=content, tokenizer_fp=tokenizer_fp
         )
         try:
-            train_docs, valid_docs = split_documents(
-                flat.n_documents, seed=seed, source_index=i,
-                valid_fraction=valid_fraction, valid_documents=valid_documents,
-            )
+            if valid_tokens:
+                valid_docs = held_out_by_tokens(
+                    np.diff(flat.offsets).__getitem__, flat.n_documents, budget,
+                    seed=seed, source_index=i)
+                train_docs = np.setdiff1d(np.arange(flat.n_documents), valid_docs)
+            else:
+                train_docs, valid_docs = split_documents(
+                    flat.n_documents, seed=seed, source_index=i,
+                    valid_fraction=valid_fraction, valid_documents=valid_documents,
+                )
             train.append(pack_tokens(flat, train_docs, seq_len, eos_id))
         except MinimaError as e:
             raise MinimaError(f"data source {source.path_or_name}: {e}") from None
@@ -113,11 +154,36 @@ def prepare_data(
                 "needs more: raise valid_fraction or valid_documents"
             )
         valid = blocks_from_stream(stream, seq_len).long()
+        if valid_tokens:  # exactly valid_tokens // seq_len blocks, whatever the corpus size
+            valid = valid[: valid_tokens // seq_len]
     fingerprint = data_fingerprint(
         sources, contents, tokenizer_fp=tokenizer_fp, seq_len=seq_len, seed=seed,
         valid_fraction=valid_fraction, valid_documents=valid_documents,
+        valid_tokens=valid_tokens,
     )
     return PreparedData(sources, train, valid, seq_len, seed, fingerprint)
+
+
+def _store_source(source: DataSource, tokenizer_fp: str, seq_len: int, eos_id: int, *,
+                  seed: int, source_index: int, valid_fraction: float, valid_documents: int,
+                  valid_budget: int) -> tuple[StoreBlocks, np.ndarray | None]:
+    """A store's training blocks (memory-mapped) and its held-out validation stream (or None)."""
+    store = TokenStore(source.path_or_name)
+    if store.tokenizer_fingerprint != tokenizer_fp:
+        raise MinimaError("the token store was made with another tokenizer than this run's "
+                          "model: tokenise the text again with `minima tokenize --tokenizer "
+                          "MODEL`")
+    if valid_budget:
+        held = held_out_by_tokens(store.document_length, len(store), valid_budget, seed=seed,
+                                  source_index=source_index)
+    elif valid_fraction or valid_documents:
+        held = split_documents(len(store), seed=seed, source_index=source_index,
+                               valid_fraction=valid_fraction,
+                               valid_documents=valid_documents)[1]
+    else:
+        held = np.zeros(0, np.int64)
+    blocks = StoreBlocks(store, seq_len, eos_id, held)
+    return blocks, (held_stream(store, held, eos_id) if len(held) else None)
 
 
 def shuffle_order(n_blocks: int, seed: int, source_index: int, epoch: int) -> np.ndarray:

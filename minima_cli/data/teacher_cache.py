@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minima_cli.data.streams import PreparedData
-from minima_cli.errors import MinimaError
+from minima_cli.errors import MinimaError, first_line
 from minima_cli.fsutil import read_manifest
 from minima_cli.losses import TopK
 from minima_cli.progress import step_progress
@@ -82,12 +82,43 @@ class TeacherCache:
             raise MinimaError(f"{self.path} is not a teacher cache (no cache-teacher "
                               "minima.json): make one with `minima cache-teacher`")
         self.manifest = manifest
-        self.k = int(manifest["config"]["k"])
-        self.data_fingerprint = manifest["inputs"]["data"]["fingerprint"]
-        self.teacher_fingerprint = manifest["inputs"]["teacher"]["fingerprint"]
-        self.tokenizer_vocab = int(manifest["config"]["vocab_size"])
-        self._shards = manifest["shards"]
         self._handles: dict[str, Any] = {}
+        try:
+            self.k = int(manifest["config"]["k"])
+            self.data_fingerprint = manifest["inputs"]["data"]["fingerprint"]
+            self.teacher_fingerprint = manifest["inputs"]["teacher"]["fingerprint"]
+            self.tokenizer_vocab = int(manifest["config"]["vocab_size"])
+            self._shards = manifest["shards"]
+            self.check_shards()
+        except (KeyError, TypeError, ValueError) as error:  # a hand-edited minima.json
+            raise MinimaError(f"teacher cache {self.path}: corrupt minima.json (bad or missing "
+                              f"{first_line(error)})") from None
+
+    def check_shards(self) -> None:
+        """Every shard present, whole and of the shape its table entry says, before training
+        starts: a truncated shard would otherwise fail mid-run, deep in the safetensors library.
+        Reads headers only."""
+        from minima_cli.model.tensors import read_safetensors_specs
+
+        seq_len = int(self.manifest["config"]["seq_len"])
+        for entry in self._shards:
+            path = self.path / entry["file"]
+            if not path.is_file():
+                raise MinimaError(f"teacher cache {self.path}: shard {entry['file']} is missing")
+            specs = {spec.name: spec for spec in read_safetensors_specs(path)}
+            want = (int(entry["blocks"]), seq_len, self.k)
+            for name in ("logprobs", "indices"):
+                if name not in specs or specs[name].shape != want:
+                    raise MinimaError(f"teacher cache {self.path}: shard {entry['file']} does "
+                                      f"not hold {name} of shape {list(want)}")
+
+    def check_topk(self, topk: int) -> None:
+        """The run's --topk must be the cache's k: with fewer tokens than asked the loss would
+        silently differ from the online top-k it stands for (and the manifest would lie)."""
+        if topk != self.k:
+            raise MinimaError(f"teacher cache {self.path} holds the teacher's top {self.k} "
+                              f"tokens but --topk is {topk}: pass --topk {self.k} (or make "
+                              f"the cache with --k {topk})")
 
     def check_data(self, prepared: PreparedData) -> None:
         if prepared.fingerprint != self.data_fingerprint:

@@ -64,6 +64,41 @@ def check_supported(config: Any) -> None:
         )
 
 
+# The fields every supported config.json must hold as positive integers; transformers would
+# silently default a missing one (hidden_size 4096) and then fail on the weights with a long
+# load report, so they are checked on the raw JSON first.
+REQUIRED_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                          "intermediate_size", "vocab_size")
+
+
+def config_problem(raw: dict[str, Any]) -> str | None:
+    """Why a raw config.json cannot describe a supported model, or None. Pure: the dict only."""
+    if not isinstance(raw, dict):
+        return "config.json is not a JSON object"
+    model_type = raw.get("model_type")
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        return (f"unsupported architecture {model_type!r}: minima handles LLaMA-family models "
+                f"({', '.join(SUPPORTED_MODEL_TYPES)})")
+    for name in (*REQUIRED_CONFIG_FIELDS, "num_key_value_heads", "head_dim"):
+        value = raw.get(name)
+        if value is None and name in ("num_key_value_heads", "head_dim"):
+            continue  # optional: kv heads default to heads, head_dim to hidden / heads
+        if value is None:
+            return f"config.json has no {name}"
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return f"config.json: {name} must be a positive integer, got {value!r}"
+    hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        return (f"config.json: num_attention_heads={heads} is not a multiple of "
+                f"num_key_value_heads={kv_heads}")
+    # transformers' LlamaConfig insists on hidden % heads == 0 even with an explicit head_dim;
+    # the others only need it when head_dim is derived from hidden / heads
+    if hidden % heads and (raw.get("model_type") == "llama" or raw.get("head_dim") is None):
+        return f"config.json: hidden_size={hidden} is not a multiple of num_attention_heads={heads}"
+    return None
+
+
 def shape_from_config(config: Any) -> ModelShape:
     """Read the prunable shape (and bias layout) of a supported config."""
     check_supported(config)
@@ -117,6 +152,18 @@ def count_parameters(shape: ModelShape) -> int:
     per_layer = attention + mlp + 2 * d  # two RMSNorms
     embeddings = shape.vocab * d * (1 if shape.tied else 2)
     return embeddings + shape.layers * per_layer + d  # final norm
+
+
+def expected_tensor_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The shapes a few tensors of a checkpoint of this shape must have (embeddings, the first
+    layer's q and gate projections): enough to catch a config.json that does not describe its
+    weights before transformers builds the model."""
+    return {
+        "model.embed_tokens.weight": (shape.vocab, shape.hidden),
+        "model.layers.0.self_attn.q_proj.weight": (shape.heads * shape.head_dim, shape.hidden),
+        "model.layers.0.self_attn.k_proj.weight": (shape.kv_heads * shape.head_dim, shape.hidden),
+        "model.layers.0.mlp.gate_proj.weight": (shape.ffn, shape.hidden),
+    }
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

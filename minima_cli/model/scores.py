@@ -49,4 +49,22 @@ def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     manifest = read_manifest(directory)
     if manifest.get("stage") != "score":
         raise MinimaError(f"{directory}: not a score output (stage {manifest.get('stage')!r})")
-    return load_file(directory / SCORES_FILE), manifest
+    return read_scores_file(directory / SCORES_FILE), manifest
+
+
+def read_scores_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a scores.safetensors, whole and finite: a truncated or corrupt file, or
+    NaN scores (from a model that was already broken), are one line, not a traceback or a plan
+    ranked by NaN."""
+    from minima_cli.model.tensors import read_safetensors_specs
+
+    read_safetensors_specs(path)  # header and length checked before the library reads it
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # the safetensors library raises its own error type
+        raise MinimaError(f"{path}: corrupt scores file ({error})") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MinimaError(f"{path}: score {name} holds NaN or infinite values (score a "
+                              "healthy model again)")
+    return tensors

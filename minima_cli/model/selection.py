@@ -44,6 +44,34 @@ class PrunePlan:
         return asdict(self)
 
 
+def kept_problem(kept: Any, teacher: ModelShape) -> str | None:
+    """Why a prune manifest's `kept` (PrunePlan.as_dict, possibly hand-edited) is not a plan of
+    `teacher`, or None: every index list ascending, without repeats, inside the teacher's axis.
+    Pure; distill reads `layers` and `hidden` from it to map hidden states."""
+    if not isinstance(kept, dict):
+        return "'kept' is not an object"
+
+    def bad(indices: Any, size: int) -> bool:
+        return (not isinstance(indices, list) or not indices
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+                or indices != sorted(set(indices)) or indices[0] < 0 or indices[-1] >= size)
+
+    for axis, size in (("layers", teacher.layers), ("hidden", teacher.hidden)):
+        if bad(kept.get(axis), size):
+            return (f"kept {axis} must be ascending distinct indices in [0, {size}), got "
+                    f"{str(kept.get(axis))[:60]}")
+    for axis, size in (("kv_groups", teacher.kv_heads), ("heads", teacher.heads),
+                       ("ffn", teacher.ffn)):
+        per_layer = kept.get(axis)
+        if per_layer is None:
+            continue
+        if not isinstance(per_layer, list) or len(per_layer) != len(kept["layers"]) or any(
+                bad(indices, size) for indices in per_layer):
+            return (f"kept {axis} must hold, per kept layer, ascending distinct indices in "
+                    f"[0, {size})")
+    return None
+
+
 def top_k(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the k highest scores, ascending (ties keep the lower index)."""
     order = torch.argsort(scores.float(), descending=True, stable=True)[:k]

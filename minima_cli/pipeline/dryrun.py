@@ -6,6 +6,7 @@ budget.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from minima_cli.errors import MinimaError
 from minima_cli.model.arch import ModelShape, count_parameters
 from minima_cli.pipeline.memory import activation_bytes, gigabytes, token_budget, zero_memory
 from minima_cli.pipeline.recipe import Recipe, stage_config
-from minima_cli.pipeline.run import HASH_FILE, select_stages, stage_run_dir
+from minima_cli.pipeline.run import HASH_FILE, preflight, select_stages, stage_run_dir
 from minima_cli.pipeline.stamps import current_hash, read_stamp
 from minima_cli.pipeline.values import references
 from minima_cli.stages import TRAINING
+from minima_cli.stages.configs import DEFAULT_SEQ_LEN
 from minima_cli.units import format_count
 
 
@@ -80,7 +82,7 @@ def stage_summary(recipe: Recipe, stage: str) -> str:
         return f"{o['documents']} documents, teacher pre-trained {o['steps']} steps"
     if stage == "score":
         return (f"{o['method']} scores over {o['batches']} x {o['batch_size']} x "
-                f"{o['seq_len']} tokens")
+                f"{o['seq_len'] or 'auto'} tokens")
     if stage == "prune":
         target = ", ".join(f"{k}={v}" for k, v in (o["shape"] or {}).items())
         target += f" params={o['params']}" if o["params"] else ""
@@ -92,7 +94,9 @@ def stage_summary(recipe: Recipe, stage: str) -> str:
         what = f"{o['loss']} KD, alpha {o['alpha']:g}" if stage == "distill" or o["teacher"] \
             else "assistant-token CE"
         return (f"{what}; {length}, micro-batch {o['batch_size']} x accumulation "
-                f"{o['grad_accum']} x {o['seq_len']} tokens, lr {o['lr']:g}")
+                f"{o['grad_accum']} x {o['seq_len'] or 'auto'} tokens, lr {o['lr']:g}")
+    if stage == "export":
+        return f"{o['model']} -> {o['type']} GGUF (llama.cpp)"
     return f"{len(o['models'])} models x {len(o['tasks'])} tasks"
 
 
@@ -102,6 +106,7 @@ def dry_run(recipe: Recipe, *, start: str | None = None, stop: str | None = None
     from minima_cli.model.shapes import parameter_table
 
     selected = select_stages(recipe, start, stop)
+    preflight(recipe, selected, plan_only=True)  # refuse what the real run would refuse
     parts: list[Any] = []
     plan = Table(title=f"minima run {recipe.path} -> {recipe.workdir} (dry run)")
     for column in ("stage", "status", "what"):
@@ -140,7 +145,10 @@ def training_plan(recipe: Recipe, stage: str, teacher: ModelShape | None,
     parts: list[Any] = []
     hw = recipe.hardware
     layout = (f"{hw['nodes']} node(s) x {hw['gpus_per_node']} GPU(s) x micro-batch "
-              f"{config.batch_size} x grad-accum {config.grad_accum} x seq {config.seq_len}")
+              f"{config.batch_size} x grad-accum {config.grad_accum} x seq "
+              f"{config.seq_len or 'auto'}")
+    if config.seq_len is None:  # sft's default, min(512, the model's positions): at most 512
+        config = dataclasses.replace(config, seq_len=DEFAULT_SEQ_LEN)
     if stage == "sft" and not config.max_steps:
         parts.append(f"{stage}: {config.epochs:g} epochs over the chat rows; "
                      f"{config.tokens_per_step(world):,} tokens a step ({layout})")

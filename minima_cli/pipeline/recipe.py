@@ -220,11 +220,42 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[str]:
     return done
 
 
+def unique_key_loader() -> type:
+    """yaml.SafeLoader that refuses a mapping with a key twice (plain YAML keeps the last one,
+    so `lr:` written twice silently drops the first)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    if isinstance(key, str | int | float | bool) and key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} on line {line} (first on line "
+                            f"{seen[key]})", key_node.start_mark)
+                    if isinstance(key, str | int | float | bool):
+                        seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def safe_load_unique(text: str) -> Any:
+    """yaml.safe_load, but a duplicate key is an error (yaml.YAMLError, first line says which
+    key and line)."""
+    import yaml
+
+    return yaml.load(text, Loader=unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load_unique(path.read_text())
     except FileNotFoundError:
         raise MinimaError(f"recipe not found: {path}") from None
     except IsADirectoryError:
@@ -348,6 +379,9 @@ def fill_inputs(recipe: Recipe, top: dict[str, Any], check: Checker) -> None:
             default(stage, "model", previous_model or teacher, "teacher")
             need(stage, "model", "set teacher: or add a distill stage (or sft.model:)")
             need(stage, "data", "chat data (.jsonl with messages)")
+        if stage == "export":
+            default(stage, "model", previous_model or teacher, "teacher")
+            need(stage, "model", "set teacher: or add a model stage (or export.model:)")
         if stage in ("tiny", "distill", "sft", "eval"):
             default(stage, "seed", recipe.seed, "seed")
         if stage == "eval":

@@ -14,6 +14,7 @@ Written atomically to `WORKDIR/report/` (report.md beside its images).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,32 @@ def collect(workdir: str | Path) -> dict[str, Any]:
     for stage in ("distill", "sft"):
         log = workdir / stage / "log.jsonl"
         if log.is_file():
-            logs[stage] = [json.loads(line) for line in log.read_text().splitlines() if line]
+            logs[stage] = read_log(log)
     return {"workdir": str(workdir), "manifests": manifests, "results": results, "logs": logs}
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a training log.jsonl. A last line cut short (the run was killed while
+    writing it) is skipped: the report shows the steps before it. A bad line anywhere else, or
+    bytes that are not text, is one error line naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise MinimaError(f"{path}: not UTF-8 text (a damaged training log)") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # no newline after it: the torn end of a killed run
+                break
+            raise MinimaError(f"{path}:{number}: malformed log line ({error.msg})") from None
+        if not isinstance(record, dict) or "step" not in record or "loss" not in record:
+            raise MinimaError(f"{path}:{number}: not a training log record")
+        records.append(record)
+    return records
 
 
 def task_metric(task: dict[str, Any], metrics: dict[str, Any]) -> str | None:
@@ -76,6 +101,8 @@ def model_parameters(stage: str, manifests: dict[str, Any]) -> int | None:
         return manifests.get("tiny", {}).get("metrics", {}).get("parameters")
     if stage == "prune":
         return manifests["prune"]["metrics"]["student_parameters"]
+    if stage == "export":
+        return manifests["export"]["metrics"]["parameters"]
     shape = manifests[stage].get("student_shape")
     return count_parameters(ModelShape(**shape)) if shape else None
 
@@ -108,6 +135,10 @@ def summary_rows(collected: dict[str, Any], runs: dict[str, Any] | None = None
             model_parameters(stage, manifests) if stage == "teacher" or stage in manifests
             else None)
         cells = [name, f"{params:,}" if params else "-"]
+        if stage == "export" and stage in manifests:  # the GGUF file: its size and encoding
+            exported = manifests[stage]
+            cells[1] += (f" ({exported['metrics']['file_bytes'] / 1e6:.2f} MB "
+                         f"{exported['config']['type']})")
         for task, metric, _ in columns:
             value = None
             if entry and task in entry["tasks"]:
@@ -176,6 +207,8 @@ def plot_losses(logs: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, (stage, records) in zip(axes[0], runs.items(), strict=True):
+        # log.jsonl is strict JSON: a non-finite loss was written as null
+        records = [{k: math.nan if v is None else v for k, v in r.items()} for r in records]
         steps = [r["step"] for r in records]
         ax.plot(steps, [r["loss"] for r in records], lw=1, alpha=0.8, label="training loss")
         if all("ce" in r for r in records) and any(

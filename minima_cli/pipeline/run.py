@@ -13,6 +13,7 @@ per-GPU memory of pipeline/memory.py and the token budget). Stage contracts: doc
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from rich.rule import Rule
 from rich.table import Table
 
 from minima_cli.errors import MinimaError
-from minima_cli.fsutil import MANIFEST, atomic_write_text
+from minima_cli.fsutil import MANIFEST, atomic_write_text, output_lock
+from minima_cli.pipeline.guard import guarded, stale_run_dir
 from minima_cli.pipeline.recipe import STAGES, Recipe, stage_config, stage_inputs
 from minima_cli.pipeline.stamps import current_hash, read_stamp, write_stamp
 from minima_cli.pipeline.values import references
@@ -45,7 +47,8 @@ def run_stage_of(recipe: Recipe, stage: str, output: Path, resume: bool, progres
     recipe's hardware as the stage's config, written to workdir/<stage>."""
     config = stage_config(stage, recipe.resolve(recipe.stages[stage]), recipe.hardware,
                           str(output))
-    run_stage(stage, config, RunControl(force=True, resume=resume, progress=progress))
+    with guarded(config, training=stage in TRAINING):
+        run_stage(stage, config, RunControl(force=True, resume=resume, progress=progress))
 
 
 def select_stages(recipe: Recipe, start: str | None, stop: str | None) -> list[str]:
@@ -63,10 +66,12 @@ def select_stages(recipe: Recipe, start: str | None, stop: str | None) -> list[s
     return enabled[first:last + 1]
 
 
-def preflight(recipe: Recipe, selected: list[str]) -> None:
+def preflight(recipe: Recipe, selected: list[str], *, plan_only: bool = False) -> None:
     """Before any work: what the selected stages read from outside the pipeline must be on disk
-    (models locally: minima loads no model from the hub), and the outputs of stages before
-    --from must exist."""
+    (models locally: minima loads no model from the hub; task files; chat data of a chat type),
+    and the outputs of stages before --from must exist. `plan_only` (the dry run, which may
+    plan from `teacher_config` on a machine without the models and data) lets those be absent;
+    task files and the type of chat data are still checked."""
     from minima_cli.data.read import looks_like_hub_name
     from minima_cli.data.sources import parse_sources
     from minima_cli.model.checkpoint import resolve_model
@@ -81,7 +86,7 @@ def preflight(recipe: Recipe, selected: list[str]) -> None:
             kind = schema[key][0].kind
             items = [m.partition("=")[2] for m in value] if kind == "models" else \
                 [s.path_or_name for s in parse_sources(value)] if kind == "data" else \
-                [] if kind == "tasks" else [value]
+                list(value) if kind == "tasks" else [value]
             for item in items:
                 made_by = [r for r in references(item) if r in STAGES]
                 for name in made_by:
@@ -89,20 +94,54 @@ def preflight(recipe: Recipe, selected: list[str]) -> None:
                         raise MinimaError(f"{stage}.{key}: {recipe.stage_dir(name)} does not "
                                           f"exist yet: run the {name} stage first (it is "
                                           "before --from)")
+                if kind == "chat":
+                    path = recipe.resolve(item)
+                    check_chat_path(recipe, stage, key, path, exists=not made_by and not (
+                        plan_only and not Path(path).expanduser().exists()))
+                    continue
                 if made_by:
                     continue
                 path = recipe.resolve(item)
+                if kind == "tasks":
+                    from minima_cli.evaluation.tasks import parse_task
+
+                    try:  # the task's files (and dev shots) must be there, as the stage checks
+                        parse_task(path, backend=options.get("backend") or "minima")
+                    except MinimaError as error:
+                        raise MinimaError(f"{recipe.path}: {stage}.{key}: {error}") from None
+                    continue
+                if plan_only and not Path(path).expanduser().exists():
+                    continue  # planned on a machine without the models and data: not an error
                 if kind in ("model", "models"):
                     try:
                         resolve_model(path)
                     except MinimaError as error:
                         hint = " (a hub name? download the model and --set teacher=DIR; dry " \
-                            "runs read teacher_config)" if not Path(path).exists() else ""
+                            "runs read teacher_config)" if not Path(path).exists() and \
+                            "hub name?" not in str(error) else ""
                         raise MinimaError(f"{recipe.path}: {stage}.{key}: {error}{hint}") \
                             from None
                 elif not Path(path).expanduser().exists() and not (
                         kind == "data" and looks_like_hub_name(path)):
                     raise MinimaError(f"{recipe.path}: {stage}.{key}: not found: {path}")
+
+
+def check_chat_path(recipe: Recipe, stage: str, key: str, path: str, *, exists: bool) -> None:
+    """Chat data is .jsonl/.json/.parquet or a directory of them: a wrong type is refused now,
+    not after the stages before it ran (a path made by an earlier stage: by its suffix only)."""
+    from minima_cli.data.chat import CHAT_SUFFIXES, chat_files
+
+    where = f"{recipe.path}: {stage}.{key}"
+    if not exists:
+        suffix = Path(path).suffix
+        if suffix and suffix not in CHAT_SUFFIXES:
+            raise MinimaError(f"{where}: {path}: chat data must be {', '.join(CHAT_SUFFIXES)} "
+                              "(or a directory of them)")
+        return
+    try:
+        chat_files(path)
+    except MinimaError as error:
+        raise MinimaError(f"{where}: {error}") from None
 
 
 def stage_run_dir(recipe: Recipe, stage: str) -> Path:
@@ -141,9 +180,17 @@ def run_recipe(recipe: Recipe, *, start: str | None = None, stop: str | None = N
     """Run the selected stages; returns what happened to each stage of the recipe."""
     console = console or Console()
     selected = select_stages(recipe, start, stop)
+    is_main = rank_and_world()[0] == 0
+    preflight(recipe, selected)
+    # one `minima run` per workdir at a time (main rank; the other ranks are its own launch)
+    with output_lock(recipe.workdir) if is_main else contextlib.nullcontext():
+        return run_selected(recipe, selected, force=force, progress=progress, console=console)
+
+
+def run_selected(recipe: Recipe, selected: list[str], *, force: bool, progress: bool,
+                 console: Console) -> list[StageRun]:
     rank, world = rank_and_world()
     is_main = rank == 0
-    preflight(recipe, selected)
     if recipe.hardware["threads"]:
         import torch
 
@@ -167,13 +214,22 @@ def run_recipe(recipe: Recipe, *, start: str | None = None, stop: str | None = N
             console.print(f"[yellow]warning: the recipe declares {recipe.world_size} GPU(s) "
                           f"(hardware.nodes x gpus_per_node), this launch has {world} "
                           "process(es): each step sees a different batch[/yellow]")
+        run_dir = stage_run_dir(recipe, stage)
+        if is_main and world == 1 and stage in TRAINING and stale_run_dir(output):
+            shutil.rmtree(run_dir)  # the run finished (output written) but was killed before
+        had_run_dir = run_dir.exists()
         resume = resume_decision(recipe, stage, digest, is_main)
         reason = "resuming a killed run" if resume else (
             "forced" if force and stamp else "stale" if stamp else "no output yet")
         if is_main:
             console.print(Rule(f"{stage} ({reason}) -> {output}"))
         started = time.perf_counter()
-        run_stage_of(recipe, stage, output, resume, progress)
+        try:
+            run_stage_of(recipe, stage, output, resume, progress)
+        except MinimaError:
+            if is_main and not had_run_dir:
+                remove_unstarted_run_dir(run_dir)
+            raise
         seconds = time.perf_counter() - started
         if is_main:
             write_stamp(output, {"hash": digest, "recipe": str(recipe.path),
@@ -181,6 +237,14 @@ def run_recipe(recipe: Recipe, *, start: str | None = None, stop: str | None = N
                                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         runs[stage] = StageRun(stage, "resumed" if resume else "ran", seconds)
     return list(runs.values())
+
+
+def remove_unstarted_run_dir(run_dir: Path) -> None:
+    """A stage that failed on bad input before its first checkpoint leaves no run dir."""
+    from minima_cli.training.state import list_checkpoints
+
+    if run_dir.is_dir() and not list_checkpoints(run_dir / "checkpoints"):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def save_recipe_copy(recipe: Recipe) -> None:

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from minima_cli.errors import MinimaError
-from minima_cli.fsutil import MANIFEST, atomic_write_text, file_sha256, read_manifest
+from minima_cli.fsutil import (
+    MANIFEST,
+    atomic_write_text,
+    dumps_json,
+    file_sha256,
+    read_manifest,
+)
 from minima_cli.pipeline.recipe import Recipe, stage_inputs, unhashed_keys
 from minima_cli.stages import TRAINING
 
@@ -99,4 +105,4 @@ def write_stamp(directory: Path, stamp: dict[str, Any]) -> None:
     """Add the stamp to the stage's manifest, atomically (temp file + rename)."""
     manifest = read_manifest(directory)
     manifest["recipe"] = stamp
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(directory / MANIFEST, dumps_json(manifest, indent=2) + "\n")

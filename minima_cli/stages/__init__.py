@@ -77,6 +77,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           help="Run the teacher once over the training data and store its top-k log-probs per "
           "token, so `minima distill --teacher-cache DIR --loss topk` trains without the "
           "teacher in memory."),
+    Stage("tokenize", configs.TokenizeConfig, "tokenize",
+          help="Tokenise text once into a token store (memory-mapped uint16/uint32 shards, "
+          "document offsets, store.json) that --data of distill, cache-teacher and schedule "
+          "reads without holding it in memory; N worker processes; a killed build resumes."),
     Stage("schedule", configs.ScheduleConfig, "schedule",
           help="MiniDisc's teacher-assistant schedule: nested candidates pruned from the "
           "teacher, one sandwich run for every candidate's dev metric P, the assistant "
@@ -88,6 +92,10 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           "tokenizer's chat template (or ChatML, then saved with the model), optional packing, "
           "optional distillation from a teacher. Checkpoints, --resume, logs and DeepSpeed as "
           "distill."),
+    Stage("export", configs.ExportConfig, "export", pipeline=True, model_name="exported",
+          help="Export a model as one GGUF file for llama.cpp-family runtimes: llama metadata, "
+          "q/k rows permuted as llama.cpp expects, tokenizer and chat template, tensors "
+          "streamed and encoded f32, f16, bf16, q8_0 or q4_0; written atomically."),
     Stage("eval", configs.EvalConfig, "evaluate", pipeline=True,
           help=EVAL_HELP),
 )}

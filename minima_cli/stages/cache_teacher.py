@@ -29,7 +29,7 @@ from minima_cli.stages.configs import CacheTeacherConfig
 def run_cache_teacher(*, teacher_path: str, data: str, output: Path, seq_len: int, k: int,
                       seed: int = 0, valid_fraction: float = 0.05, batch_size: int = 8,
                       blocks_per_shard: int = 1024, dtype: str = "float16",
-                      text_field: str = "text", force: bool = False,
+                      text_field: str = "text", force: bool = False, valid_tokens: int = 0,
                       progress: bool = True) -> dict[str, Any]:
     """Prepare the data exactly as `distill` will (same seq_len, seed, split) and cache the
     teacher's top-k for every training block."""
@@ -45,7 +45,8 @@ def run_cache_teacher(*, teacher_path: str, data: str, output: Path, seq_len: in
         raise MinimaError(f"--k {k} exceeds the vocabulary ({vocab_size})")
     prepared = prepare_data(data, tokenizer, seq_len=seq_len, seed=seed,
                             valid_fraction=valid_fraction, text_field=text_field,
-                            cache_dir=output.with_name(f"{output.name}.token-cache"))
+                            cache_dir=output.with_name(f"{output.name}.token-cache"),
+                            valid_tokens=valid_tokens)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = load_model(source).eval().requires_grad_(False).to(device)
     start = time.perf_counter()
@@ -58,6 +59,7 @@ def run_cache_teacher(*, teacher_path: str, data: str, output: Path, seq_len: in
             inputs={"teacher": {"path": str(source), "fingerprint": model_fingerprint(source)},
                     "data": prepared.summary()},
             config={"k": k, "seq_len": seq_len, "seed": seed, "valid_fraction": valid_fraction,
+                    "valid_tokens": valid_tokens,
                     "dtype": dtype, "vocab_size": vocab_size, "text_field": text_field},
             shards=shards, wall_time_s=time.perf_counter() - start,
             metrics={"tokens": sum(s["blocks"] for s in shards) * seq_len})
@@ -71,4 +73,4 @@ def run(config: CacheTeacherConfig, control: RunControl) -> dict[str, Any]:
                              batch_size=config.batch_size,
                              blocks_per_shard=config.blocks_per_shard, dtype=config.dtype,
                              text_field=config.text_field, force=control.force,
-                             progress=control.progress)
+                             progress=control.progress, valid_tokens=config.valid_tokens)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from minima_cli.options import OptionError, option
 from minima_cli.training.config import PRECISIONS, KDOptions, TrainConfig
@@ -19,10 +20,40 @@ LAYER_SELECTIONS = ("auto", "score", "units", "middle")
 EVAL_BACKENDS = ("minima", "lm-eval")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 SANDWICH_LOSSES = ("fkl", "rkl", "jsd")
+DEFAULT_SEQ_LEN = 512  # score's and sft's --seq-len when the model has at least this many positions
 
 TEACHER_HELP = "The full teacher: HF directory or .gguf file."
 TEXT_FIELD_HELP = "Field with the text in jsonl/json/parquet data."
 DEVICE_HELP = "cpu, cuda, cuda:1, ... (auto: cuda if available)."
+
+
+def resolve_seq_len(seq_len: int | None, max_positions: int | None, whose: str = "model") -> int:
+    """The --seq-len a stage runs at: an explicit value must fit the model's positions; None
+    (score's and sft's default) is the smaller of DEFAULT_SEQ_LEN and them."""
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, max_positions or DEFAULT_SEQ_LEN)
+        if seq_len < 2:
+            raise OptionError("seq_len", f"the {whose} has {max_positions} position: a "
+                              "next-token loss needs two tokens")
+        return seq_len
+    if max_positions and seq_len > max_positions:
+        raise OptionError("seq_len", f"--seq-len {seq_len} exceeds the {whose}'s "
+                          f"{max_positions} positions")
+    return seq_len
+
+
+def check_valid_split(valid_fraction: float, valid_tokens: int = 0,
+                      other: str = "--valid-tokens") -> None:
+    """The validation split of distill, sft and cache-teacher: a fraction in [0, 1), and not 0
+    unless `other` gives the validation set instead. Decided: no validation is refused rather than
+    run without, because every training run reports (and `minima run` compares) a validation
+    loss; an empty split used to be a ZeroDivisionError."""
+    if not 0 <= valid_fraction < 1:
+        raise OptionError("valid_fraction", f"--valid-fraction must be in [0, 1), got "
+                          f"{valid_fraction:g}")
+    if valid_fraction == 0 and not valid_tokens:
+        raise OptionError("valid_fraction", f"--valid-fraction 0 leaves no validation set: give "
+                          f"a fraction > 0 or {other}")
 
 
 def output_option(help: str, required: bool = True):
@@ -61,8 +92,9 @@ class ScoreConfig:
     output: str | None = output_option("Directory to write (scores.safetensors + minima.json).")
     batches: int = option(16, "Batches to accumulate scores over (fewer if the data runs out).",
                           low=1)
-    seq_len: int = option(512, "Tokens per sequence (documents are packed with EOS separators).",
-                          low=1)
+    seq_len: int | None = option(None, "Tokens per sequence (documents are packed with EOS "
+                                 "separators); default: the smaller of 512 and the model's "
+                                 "positions.", kind="int", low=2)
     batch_size: int = option(4, "Sequences per batch.", low=1)
     method: str = option("grad", "grad: mean |dLoss/dmask| (MiniMA); activation: mean "
                          "activation magnitude (Minitron).", choices=SCORE_METHODS)
@@ -130,6 +162,9 @@ class DistillConfig(TrainConfig, KDOptions):
                                   "student is compared on the teacher's kept hidden dims.")
     hidden_layers: str = option("auto", "STUDENT:TEACHER layer pairs, e.g. '0:1,1:3' (auto: a "
                                 "pruned layer to its origin, else the same relative depth).")
+    valid_tokens: int = option(0, "A validation set of this many tokens (seeded random held-out "
+                               "documents), the same cost whatever the corpus size; overrides "
+                               "--valid-fraction (0: use --valid-fraction).", low=0)
 
     def check(self) -> None:
         TrainConfig.check(self)
@@ -140,6 +175,7 @@ class DistillConfig(TrainConfig, KDOptions):
         if not self.hidden_weight >= 0:
             raise OptionError("hidden_weight",
                               f"--hidden-weight must be >= 0, got {self.hidden_weight}")
+        check_valid_split(self.valid_fraction, getattr(self, "valid_tokens", 0))
 
     def total_steps(self, world_size: int = 1) -> int:
         if self.max_tokens > 0:
@@ -175,6 +211,9 @@ class SftConfig(TrainConfig, KDOptions):
     eval_every: int = option(50, "Validation loss (assistant tokens of held-out conversations) "
                              "every N steps.", low=1, hashed=False)
     valid_fraction: float = option(0.05, "Conversations held out for validation.")
+    seq_len: int | None = option(None, "Tokens per row (longer conversations are cut); default: "
+                                 "the smaller of 512 and the model's positions.", kind="int",
+                                 low=2)
     epochs: float = option(3.0, "Passes over the training rows (MiniChat: 3).")
     packing: bool = option(False, "Pack whole examples into --seq-len rows (they never attend "
                            "to each other), or one example per row.",
@@ -187,6 +226,7 @@ class SftConfig(TrainConfig, KDOptions):
             raise OptionError("max_steps", f"--max-steps must be positive, got {self.max_steps}")
         if self.max_steps == 0 and not self.epochs > 0:
             raise OptionError("epochs", f"--epochs must be positive, got {self.epochs}")
+        check_valid_split(self.valid_fraction, bool(self.valid_data), "--valid-data")
 
     def steps_for(self, n_rows: int, world_size: int) -> int:
         """`max_steps`, or the optimizer steps of `epochs` passes over `n_rows` rows."""
@@ -204,13 +244,17 @@ class CacheTeacherConfig:
                               flags=("--data", "-d"), kind="data", required=True, input="data")
     output: str | None = output_option("Directory for the cache shards.")
     k: int = option(64, "Top tokens kept per position.", flags=("--k", "-k"), low=1)
-    seq_len: int = option(512, "As distill's --seq-len.", low=1)
+    seq_len: int = option(512, "As distill's --seq-len.", low=2)
     seed: int = option(0, "As distill's --seed (it decides the validation split).", low=0)
     valid_fraction: float = option(0.05, "As distill's.")
+    valid_tokens: int = option(0, "As distill's.", low=0)
     batch_size: int = option(8, "Sequences per teacher forward.", low=1)
     blocks_per_shard: int = option(1024, "Sequences per safetensors shard.", low=1)
     dtype: str = option("float16", "Log-prob storage.", choices=CACHE_DTYPES)
     text_field: str = option("text", "As distill's.")
+
+    def check(self) -> None:
+        check_valid_split(self.valid_fraction, getattr(self, "valid_tokens", 0))
 
 
 @dataclass(frozen=True)
@@ -249,7 +293,7 @@ class ScheduleConfig:
                              "nothing.")
     loss: str = option("fkl", "fkl (forward KL, MiniMA), rkl, or jsd.", choices=SANDWICH_LOSSES)
     alpha: float = option(0.5, "Weight of the LM cross-entropy; 1 - alpha on KD.", low=0, high=1)
-    seq_len: int = option(512, "Tokens per packed sequence.", low=1)
+    seq_len: int = option(512, "Tokens per packed sequence.", low=2)
     batch_size: int = option(4, "Sequences per step.", low=1)
     lr: float = option(3e-4, "Peak learning rate (AdamW, warmup then cosine).")
     clip: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).", low=0)
@@ -297,3 +341,47 @@ class EvalConfig:
     seed: int = option(0, "Seed for sampled generation and the harness.", low=0)
     dtype: str = option("auto", "Weights dtype (auto: as stored).", choices=DTYPES)
     device: str = device_option()
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    data: str | None = option(None, "Text to tokenise: .jsonl/.json, .txt (a document a line), "
+                              ".parquet, .arrow, a directory of them, a hub dataset name "
+                              "(streamed), or several as 'a.jsonl,b.txt'.",
+                              flags=("--data", "-d"), kind="data", required=True, input="data")
+    tokenizer: str | None = option(None, "The tokenizer: a model directory (or one holding only "
+                                   "tokenizer files) or a .gguf file; the store only works with "
+                                   "models of this tokenizer.", kind="model", required=True,
+                                   input="model")
+    output: str | None = output_option("The token store directory to create (shards, offsets, "
+                                       "store.json); a killed build continues from "
+                                       "OUTPUT.tmp-build/.")
+    workers: int = option(1, "Tokeniser processes (each loads the tokenizer itself).", low=1)
+    max_tokens: int = option(0, "Stop after this many tokens (0: the whole corpus).", low=0)
+    text_field: str = option("text", TEXT_FIELD_HELP)
+    shard_tokens: int = option(1 << 26, "Tokens per shard (the unit of resume).", low=1)
+
+
+EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model: str | None = option(None, "The model to export (LLaMA or Mistral layout, byte-level "
+                               "BPE tokenizer): HF directory or .gguf file.",
+                               flags=("--model", "-m"), kind="model", required=True,
+                               input="model")
+    output: str | None = output_option("FILE.gguf to write (its directory must exist); a path "
+                                       "not ending in .gguf is a directory that gets model.gguf "
+                                       "and minima.json (what `minima run` gives the stage).")
+    type: str = option("f16", "Tensor encoding: f32, f16, bf16 (norms stay f32), q8_0 or q4_0 "
+                       "(ggml's 32-value blocks; rows that are not a multiple of 32 fall back to "
+                       "f16; q4_0 keeps the output projection in q8_0).", choices=EXPORT_TYPES,
+                       flags=("--type",))
+
+    def check(self) -> None:
+        # a FILE.gguf goes into an existing directory (checked before anything creates one)
+        if self.output and self.output.endswith(".gguf") and \
+                not Path(self.output).expanduser().parent.is_dir():
+            raise OptionError("output", f"output directory {Path(self.output).parent} does not "
+                              "exist")

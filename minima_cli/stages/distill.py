@@ -40,6 +40,7 @@ from minima_cli.model.checkpoint import (
     model_fingerprint,
     resolve_model,
 )
+from minima_cli.model.selection import kept_problem
 from minima_cli.progress import console
 from minima_cli.stages import RunControl
 from minima_cli.stages.configs import DistillConfig
@@ -106,15 +107,22 @@ def hidden_map(spec: str, student: Any, teacher: Any,
     return HiddenMap(pairs, None)
 
 
-def prune_kept_of(student: ModelSource, teacher_fingerprint: str | None) -> dict[str, Any] | None:
-    """The kept indices of a student that `minima prune` made from this very teacher."""
+def prune_kept_of(student: ModelSource, teacher_fingerprint: str | None,
+                  teacher_config: Any) -> dict[str, Any] | None:
+    """The kept indices of a student that `minima prune` made from this very teacher, checked
+    against the teacher's shape: a hand-edited manifest with an index out of range would
+    otherwise be an IndexError in the middle of training."""
     if student.is_gguf or not (student.directory / MANIFEST).is_file():
         return None
     manifest = read_manifest(student.directory)
     origin = manifest.get("inputs", {}).get("model", {}).get("fingerprint")
     if manifest.get("stage") != "prune" or origin != teacher_fingerprint:
         return None
-    return manifest.get("kept")
+    kept = manifest.get("kept")
+    problem = kept_problem(kept, shape_from_config(teacher_config))
+    if problem:
+        raise MinimaError(f"{student.directory / MANIFEST}: corrupt prune manifest ({problem})")
+    return kept
 
 
 def needs_teacher(config: DistillConfig) -> bool:
@@ -138,7 +146,10 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
             ce = total / max(count, 1)
             return ce, {"ce": ce.detach()}
         if cache is not None:
-            target: torch.Tensor | TopK = cache.lookup(stream.last_picks, batch.device)
+            # reading stored log-probs is no computation: CPU autocast refuses to `cat` the
+            # cache's float16 rows ("Unexpected floating ScalarType")
+            with torch.autocast(batch.device.type, enabled=False):
+                target: torch.Tensor | TopK = cache.lookup(stream.last_picks, batch.device)
         else:
             with torch.no_grad():
                 teacher_out = teacher(input_ids=batch, output_hidden_states=want_hidden,
@@ -177,6 +188,7 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
         if config.hidden_weight > 0:
             raise MinimaError("--hidden-weight needs the teacher's hidden states: pass --teacher "
                               "instead of --teacher-cache")
+        cache.check_topk(config.topk)
     student_src = resolve_model(student_path)
     teacher_src = resolve_model(teacher_path) if teacher_path and cache is None else None
     student_config = load_config(student_src)
@@ -185,19 +197,23 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
         raise MinimaError(f"--seq-len {config.seq_len} exceeds the student's {max_positions} "
                           "positions")
     tokenizer = load_tokenizer(student_src)
+    if config.loss == "topk" and cache is None and config.topk > len(tokenizer):
+        raise MinimaError(f"--topk {config.topk} exceeds the vocabulary ({len(tokenizer)} "
+                          "tokens)")
     teacher_fp = cache.teacher_fingerprint if cache else model_fingerprint(teacher_src)
     hidden = None
     if teacher_src is not None:
         check_same_tokenizer(load_tokenizer(teacher_src), tokenizer)
         if config.hidden_weight > 0:
-            hidden = hidden_map(config.hidden_layers, student_config, load_config(teacher_src),
-                                prune_kept_of(student_src, teacher_fp))
+            teacher_config = load_config(teacher_src)
+            hidden = hidden_map(config.hidden_layers, student_config, teacher_config,
+                                prune_kept_of(student_src, teacher_fp, teacher_config))
     session = open_session(config)
     if not session.is_main:
         session.barrier()  # let rank 0 tokenize and fill the token cache first
     prepared = prepare_data(data, tokenizer, seq_len=config.seq_len, seed=config.seed,
                             valid_fraction=config.valid_fraction, text_field=text_field,
-                            cache_dir=run_dir / "token-cache")
+                            cache_dir=run_dir / "token-cache", valid_tokens=config.valid_tokens)
     if session.is_main:
         session.barrier()
     if cache is not None:

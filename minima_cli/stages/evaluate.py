@@ -71,13 +71,29 @@ DEFAULT_MAX_LENGTH = 2048  # cap on the default window: a 128k-context model on 
 SMALL_HIDDEN = 256
 
 
-def model_max_length(model: torch.nn.Module, requested: int | None) -> int:
+def model_max_length(model_config: Any, requested: int | None, name: str = "the model") -> int:
+    """--max-length for a model (its config): at most its positions (beyond them a perplexity
+    or a log-likelihood means nothing); by default its positions, capped at DEFAULT_MAX_LENGTH."""
+    positions = getattr(model_config, "max_position_embeddings", None)
     if requested is not None:
         if requested < 2:
             raise MinimaError(f"--max-length must be at least 2, got {requested}")
+        if positions and requested > positions:
+            raise MinimaError(f"--max-length {requested} exceeds the {positions} positions of "
+                              f"{name}")
         return requested
-    positions = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
-    return min(int(positions), DEFAULT_MAX_LENGTH)
+    return min(int(positions or DEFAULT_MAX_LENGTH), DEFAULT_MAX_LENGTH)
+
+
+def check_finite_metrics(name: str, metrics: Any, where: str = "") -> None:
+    """NaN or inf in a result (a model with non-finite weights, an overflow) is no measurement:
+    refuse it rather than print or write it."""
+    if isinstance(metrics, dict):
+        for key, value in metrics.items():
+            check_finite_metrics(name, value, f"{where}.{key}" if where else str(key))
+    elif isinstance(metrics, float) and not math.isfinite(metrics):
+        raise MinimaError(f"model {name}: {where} is {metrics} (non-finite weights or an "
+                          "overflow in its dtype?); no results written")
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskSpec],
@@ -97,7 +113,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskS
 def _evaluate_model(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskSpec],
                     config: EvalConfig, progress: bool,
                     generations: dict[str, list[dict[str, Any]]] | None) -> dict[str, Any]:
-    max_length = model_max_length(model, config.max_length)
+    max_length = model_max_length(model.config, config.max_length)
     stride = config.stride if config.stride is not None else max(1, max_length // 2)
     perplexity_windows(2, max_length, stride)  # validates the pair before any work
     # parameters() yields tied weights once, so a tied lm_head is not counted twice
@@ -162,7 +178,10 @@ def eval_ppl(model, tokenizer, spec: TaskSpec, max_length: int, stride: int, con
     with task_progress(f"{spec.name} ppl", batches, progress, count) as on_batch:
         nll, scored = strided_nll(model, ids, max_length=max_length, stride=stride,
                                   batch_size=config.batch_size, on_batch=on_batch)
-    return {"ppl": math.exp(nll / scored), "nll_per_token": nll / scored, "tokens": scored,
+    per_token = nll / scored
+    # math.exp raises past ~709 nats a token: such a perplexity is inf (refused as a result)
+    return {"ppl": math.inf if per_token > 709 else math.exp(per_token),
+            "nll_per_token": per_token, "tokens": scored,
             "documents": len(documents), "max_length": max_length, "stride": stride}
 
 
@@ -176,6 +195,9 @@ def eval_mc(model, tokenizer, spec: TaskSpec, max_length: int, config: EvalConfi
     with task_progress(spec.name, batches, progress, count) as on_batch:
         logliks = continuation_logliks(model, pairs, max_length=max_length,
                                        batch_size=config.batch_size, on_batch=on_batch)
+    if not all(math.isfinite(ll) for ll, _ in logliks):  # argmax of NaN would score garbage
+        raise MinimaError(f"{spec.name}: the model gives non-finite log-likelihoods "
+                          "(non-finite weights?)")
     metrics = score_mc(items, [ll for ll, _ in logliks], style)
     metrics["shots"] = len(shots)
     return metrics
@@ -270,6 +292,7 @@ def run_eval(*, models: Sequence[str], tasks: Sequence[str], config: EvalConfig,
     each model in turn, write `results.json` (+ generations/*.jsonl, minima.json) atomically."""
     from minima_cli.fsutil import check_output
     from minima_cli.model.checkpoint import (
+        load_config,
         load_model,
         load_tokenizer,
         model_fingerprint,
@@ -308,6 +331,8 @@ def run_eval(*, models: Sequence[str], tasks: Sequence[str], config: EvalConfig,
     if len(set(model_names)) != len(model_names):
         raise MinimaError("two --model entries share a name; tell them apart as NAME=PATH")
     sources = [resolve_model(path) for _, path in labels]
+    for name, source in zip(model_names, sources, strict=True):  # --max-length fits each
+        model_max_length(load_config(source), config.max_length, name)
     device = resolve_device(device)
     tokenizers = [load_tokenizer(source) for source in sources]
     for spec in specs:  # chat prompts need each tokenizer's template: still before the weights
@@ -324,6 +349,7 @@ def run_eval(*, models: Sequence[str], tasks: Sequence[str], config: EvalConfig,
         entry = {"name": name, "path": str(source), "fingerprint": model_fingerprint(source),
                  **evaluate_model(model, tokenizer, specs, config, progress=progress,
                                   generations=outputs)}
+        check_finite_metrics(name, entry["tasks"])
         entries.append(entry)
         generations.append(outputs)
         del model

@@ -13,6 +13,7 @@ normalised scores are what compete across layers.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +27,7 @@ from torch import nn
 from minima_cli.data.pack import pack_documents
 from minima_cli.data.read import read_documents
 from minima_cli.data.sources import DataSource, source_fingerprint
+from minima_cli.data.store import is_store, sample_store_blocks
 from minima_cli.data.tokenize import tokenize_documents
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import atomic_output_dir, check_output, read_manifest, write_manifest
@@ -33,10 +35,10 @@ from minima_cli.model.arch import ModelShape, decoder_layers, residual_norms, sh
 from minima_cli.model.checkpoint import load_config, load_model, model_fingerprint, resolve_model
 from minima_cli.model.masks import AXES, Masks, masked
 from minima_cli.model.scores import save_scores
-from minima_cli.progress import step_progress
+from minima_cli.progress import console, step_progress
 from minima_cli.runtime import rank_and_world
 from minima_cli.stages import RunControl
-from minima_cli.stages.configs import ScoreConfig
+from minima_cli.stages.configs import DEFAULT_SEQ_LEN, ScoreConfig, resolve_seq_len
 
 METHODS = ("grad", "activation")
 
@@ -173,6 +175,17 @@ def all_reduce_sums(
     return totals, int(scalars[0].item()), float(scalars[1].item())
 
 
+def check_finite_scores(scores: dict[str, torch.Tensor], mean_loss: float) -> None:
+    """Scores with NaN or inf would rank units arbitrarily in prune: refuse to write them."""
+    if not math.isfinite(mean_loss):
+        raise MinimaError(f"the model's loss on the data is {mean_loss}: its weights (or "
+                          "--dtype) give non-finite values, no scores written")
+    for axis, values in scores.items():
+        if not bool(torch.isfinite(values).all()):
+            raise MinimaError(f"the {axis} scores are not finite (the model overflows in its "
+                              "dtype?): no scores written")
+
+
 def score_blocks(
     tokenizer: Any, documents: list[str], seq_len: int, n_blocks: int, seed: int
 ) -> torch.Tensor:
@@ -212,7 +225,7 @@ def run_score(
     data: str,
     output: Path,
     batches: int = 16,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     batch_size: int = 4,
     method: str = "grad",
     text_field: str = "text",
@@ -222,23 +235,32 @@ def run_score(
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score `model_path` on `data` into `output` (scores.safetensors + minima.json)."""
+    """Score `model_path` on `data` into `output` (scores.safetensors + minima.json).
+    `seq_len` None: the smaller of 512 and the model's positions (configs.resolve_seq_len)."""
     from minima_cli.model.checkpoint import load_tokenizer
 
     if method not in METHODS:
         raise MinimaError(f"unknown method {method!r}: choose {' or '.join(METHODS)}")
-    for name, value in (("batches", batches), ("seq-len", seq_len), ("batch-size", batch_size)):
+    for name, value in (("batches", batches), ("batch-size", batch_size)):
         if value <= 0:
             raise MinimaError(f"--{name} must be positive, got {value}")
+    if seq_len is not None and seq_len < 2:  # one token has no next token: the loss is NaN
+        raise MinimaError(f"--seq-len must be at least 2 (a next-token loss needs two tokens), "
+                          f"got {seq_len}")
     check_output(output, force)
     source = resolve_model(model_path)
-    documents = read_documents(data, text_field)  # cheap checks before the slow loads
+    # cheap checks before the slow loads; a token store is read memory-mapped (data/store.py)
+    documents = None if is_store(data) else read_documents(data, text_field)
     config = load_config(source)
     shape = shape_from_config(config)
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions and seq_len > max_positions:
-        raise MinimaError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions")
-    blocks = score_blocks(load_tokenizer(source), documents, seq_len, batches * batch_size, seed)
+    auto_seq_len = seq_len is None
+    seq_len = resolve_seq_len(seq_len, getattr(config, "max_position_embeddings", None))
+    if auto_seq_len and rank_and_world()[0] == 0:
+        console.print(f"[dim]--seq-len {seq_len} (default: the smaller of {DEFAULT_SEQ_LEN} and "
+                      "the model's positions)[/dim]")
+    blocks = (sample_store_blocks(data, load_tokenizer(source), seq_len, batches * batch_size,
+                                  seed) if documents is None else
+              score_blocks(load_tokenizer(source), documents, seq_len, batches * batch_size, seed))
     rank, world = init_distributed()
     shard = blocks[rank::world]  # under torchrun each rank scores every world-th sequence
     n_batches = -(-len(blocks) // batch_size)
@@ -255,6 +277,7 @@ def run_score(
             on_batch=lambda tokens, loss: bar.update(tokens * world, loss=loss),
         )
     seconds = time.perf_counter() - start
+    check_finite_scores(raw, mean_loss)  # every rank holds the same all-reduced sums
     if rank != 0:  # rank 0 writes; the others wait until the output is in place
         dist.barrier()
         return read_manifest(output)
@@ -270,7 +293,8 @@ def run_score(
                 "data": {"source": str(data), "sha256": data_identity, "text_field": text_field},
             },
             config={"method": method, "batches": n_batches, "seq_len": seq_len,
-                    "batch_size": batch_size, "seed": seed, "dtype": str(model.dtype)},
+                    "seq_len_auto": auto_seq_len, "batch_size": batch_size, "seed": seed,
+                    "dtype": str(model.dtype)},
             model_shape=shape.as_dict(),
             metrics={"tokens": int(blocks.numel()), "mean_loss": mean_loss,
                      "tokens_per_second": blocks.numel() / seconds},

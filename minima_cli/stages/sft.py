@@ -45,8 +45,10 @@ from minima_cli.model.checkpoint import (
     model_fingerprint,
     resolve_model,
 )
+from minima_cli.progress import console
+from minima_cli.runtime import rank_and_world
 from minima_cli.stages import RunControl
-from minima_cli.stages.configs import SftConfig
+from minima_cli.stages.configs import DEFAULT_SEQ_LEN, SftConfig, resolve_seq_len
 from minima_cli.training.loop import (
     load_teacher,
     open_session,
@@ -153,12 +155,18 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
     config.check()
     run_dir = training_run_dir(output, force=force, resume=resume)
     source = resolve_model(model_path)
-    max_positions = getattr(load_config(source), "max_position_embeddings", None)
-    if max_positions and config.seq_len > max_positions:
-        raise MinimaError(f"--seq-len {config.seq_len} exceeds the model's {max_positions} "
-                          "positions")
+    auto_seq_len = config.seq_len is None
+    # resolved before anything reads it: the run id, the rows and the manifest hold the number
+    config = dataclasses.replace(config, seq_len=resolve_seq_len(
+        config.seq_len, getattr(load_config(source), "max_position_embeddings", None)))
+    if auto_seq_len and rank_and_world()[0] == 0:
+        console.print(f"[dim]--seq-len {config.seq_len} (default: the smaller of "
+                      f"{DEFAULT_SEQ_LEN} and the model's positions)[/dim]")
     tokenizer = load_tokenizer(source)
     teacher_src = resolve_model(teacher_path) if teacher_path else None
+    if teacher_src is not None and config.loss == "topk" and config.topk > len(tokenizer):
+        raise MinimaError(f"--topk {config.topk} exceeds the vocabulary ({len(tokenizer)} "
+                          "tokens)")
     if teacher_src is not None:
         check_same_tokenizer(load_tokenizer(teacher_src), tokenizer)
     template, default_template = chat_template_of(tokenizer)
@@ -177,6 +185,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
         tokenizer.eos_token_id or 0)
     chat = prepare_chat(data, tokenizer, template, config, valid_data=valid_data,
                         progress=progress)
+    chat.summary["seq_len_auto"] = auto_seq_len
     session = open_session(config)
     config = dataclasses.replace(config, max_steps=config.steps_for(len(chat.train_rows),
                                                                     session.world_size))

@@ -21,7 +21,7 @@ TOPK_MODES = ("renorm", "tail")
 class TrainConfig:
     """Optimisation, schedule and checkpointing of a run (MiniMA's defaults where they apply)."""
 
-    seq_len: int = option(512, "Tokens per packed sequence.", low=1)
+    seq_len: int = option(512, "Tokens per packed sequence.", low=2)
     batch_size: int = option(4, "Sequences per micro-batch (per process).", low=1)
     grad_accum: int = option(1, "Micro-batches per optimizer step.", low=1)
     lr: float = option(3e-4, "Peak learning rate (AdamW betas 0.9/0.95).")
@@ -49,8 +49,10 @@ class TrainConfig:
                                flags=("--tensorboard/--no-tensorboard",), hashed=False)
 
     def check(self) -> None:
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every",
-                     "eval_every"):
+        if self.seq_len is not None and self.seq_len < 2:  # sft's None: the model's positions
+            raise OptionError("seq_len", f"--seq-len must be at least 2 (a next-token loss "
+                              f"needs two tokens), got {self.seq_len}")
+        for name in ("batch_size", "grad_accum", "max_steps", "save_every", "eval_every"):
             if getattr(self, name) <= 0:
                 raise OptionError(name, f"--{name.replace('_', '-')} must be positive, "
                                   f"got {getattr(self, name)}")
@@ -96,8 +98,8 @@ class KDOptions:
     temperature: float = option(1.0, "Softmax temperature T (losses scaled by T^2).")
     alpha: float = option(0.5, "Weight of the LM cross-entropy; 1 - alpha on KD. 1 (without "
                           "--hidden-weight): the LM loss alone, a CE-only baseline; the teacher "
-                          "is not loaded.")
-    beta: float = option(0.5, "JSD interpolation weight (jsd only).")
+                          "is not loaded.", high=1)
+    beta: float = option(0.5, "JSD interpolation weight (jsd only).", high=1)
     topk: int = option(64, "Teacher tokens per position for --loss topk (online).")
     topk_mode: str = option("renorm", "renorm (top-k renormalised) or tail (one bucket for the "
                             "rest of the mass).", choices=TOPK_MODES)

@@ -378,7 +378,9 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
+        from minima_cli.fsutil import dumps_json
+
+        self.file.write(dumps_json(record) + "\n")  # strict JSON: a NaN loss is written null
         self.file.flush()
         if self.writer is not None:
             for key, value in record.items():
@@ -443,6 +445,27 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+class Diverged(MinimaError):
+    """Training produced a non-finite loss, gradient norm, validation loss or weight: the run
+    stops (exit 2, like any bad setting) and writes no model. `train` adds the step and the
+    checkpoint a run can be inspected or restarted from."""
+
+
+def check_finite(what: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise Diverged(f"{what} is {value}")
+
+
+def nonfinite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or inf, or None. One reduction per tensor,
+    run only where a model is about to be written (a checkpoint, the final model)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.numel() and not bool(torch.isfinite(param).all()):
+                return name
+    return None
+
+
 @dataclass
 class StepStats:
     losses: list[float]  # each micro-batch's loss
@@ -475,6 +498,13 @@ def optimizer_step(session, model: torch.nn.Module, optimizer: torch.optim.Optim
         for key, value in {"loss": losses[-1], **parts}.items():
             means[key] = means.get(key, 0.0) + float(value) / grad_accum
     grad_norm = session.step(model, optimizer, clip)
+    # after the step, not before backward: with several ranks the gradient norm is the same on
+    # all of them (a NaN on one rank reaches all through the all-reduce), so every rank stops
+    # at the same step instead of one leaving the others waiting in a collective
+    for loss in losses:
+        check_finite("the loss", loss)
+    if getattr(session, "ds_config", None) is None:  # DeepSpeed may not know its norm (nan)
+        check_finite("the gradient norm", grad_norm)
     return StepStats(losses, means, grad_norm)
 
 
@@ -518,34 +548,58 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
     bf16 = session.precision == "bf16"
     metrics: dict[str, Any] = {}
     start = time.perf_counter()
-    with step_progress(description, total_steps, enabled=progress and session.is_main,
-                       loss=float("nan")) as bar:
-        for step in range(first_step, total_steps):
-            step_start = time.perf_counter()
-            lr = learning_rate(step, peak=config.lr, total_steps=total_steps,
-                               warmup_steps=warmup, schedule=config.schedule,
-                               min_ratio=config.min_lr_ratio)
-            stats = optimizer_step(session, model, optimizer, loss_fn, stream,
-                                   grad_accum=config.grad_accum, lr=lr, clip=config.clip)
-            done = step + 1
-            record = {"step": done, "lr": lr, **stats.means, "grad_norm": stats.grad_norm,
-                      "step_s": time.perf_counter() - step_start}
-            if done % config.eval_every == 0 or done == total_steps:
-                with autocast(session, bf16):
-                    record["valid_loss"] = evaluate_fn(model)
-                model.train()
-                record["valid_perplexity"] = math.exp(min(record["valid_loss"], 50.0))
-                metrics.update(valid_loss=record["valid_loss"],
-                               valid_perplexity=record["valid_perplexity"])
-            log.write(record)
-            bar.update(tokens_per_step, loss=record["loss"])
-            if done % config.save_every == 0 and done < total_steps:
-                session.save_checkpoint(checkpoints, done, model, optimizer,
-                                        {"run_id": run_id, "data": stream.state_dict()},
-                                        config.keep_last)
-    log.close()
+    done = first_step
+    try:
+        with step_progress(description, total_steps, enabled=progress and session.is_main,
+                           loss=float("nan")) as bar:
+            for step in range(first_step, total_steps):
+                done = step + 1
+                step_start = time.perf_counter()
+                lr = learning_rate(step, peak=config.lr, total_steps=total_steps,
+                                   warmup_steps=warmup, schedule=config.schedule,
+                                   min_ratio=config.min_lr_ratio)
+                stats = optimizer_step(session, model, optimizer, loss_fn, stream,
+                                       grad_accum=config.grad_accum, lr=lr, clip=config.clip)
+                record = {"step": done, "lr": lr, **stats.means, "grad_norm": stats.grad_norm,
+                          "step_s": time.perf_counter() - step_start}
+                if done % config.eval_every == 0 or done == total_steps:
+                    with autocast(session, bf16):
+                        record["valid_loss"] = evaluate_fn(model)
+                    model.train()
+                    check_finite("the validation loss", record["valid_loss"])
+                    record["valid_perplexity"] = math.exp(min(record["valid_loss"], 50.0))
+                    metrics.update(valid_loss=record["valid_loss"],
+                                   valid_perplexity=record["valid_perplexity"])
+                log.write(record)
+                bar.update(tokens_per_step, loss=record["loss"])
+                if done % config.save_every == 0 and done < total_steps:
+                    # a finite loss does not make the updated weights finite: a checkpoint is
+                    # only written of weights a resumed run can use
+                    bad = nonfinite_parameter(session.unwrap(model))
+                    if bad is not None:
+                        raise Diverged(f"the weight {bad} is not finite")
+                    session.save_checkpoint(checkpoints, done, model, optimizer,
+                                            {"run_id": run_id, "data": stream.state_dict()},
+                                            config.keep_last)
+    except Diverged as error:
+        raise Diverged(diverged_message(error, done, total_steps, config.clip, run_dir)) from None
+    finally:
+        log.close()
     return TrainResult(model, metrics, total_steps, total_steps * tokens_per_step,
                        time.perf_counter() - start)
+
+
+def diverged_message(error: BaseException, step: int, total_steps: int, clip: float,
+                     run_dir: Path) -> str:
+    """One line: where training diverged, that nothing was written, what is left and what to
+    change (resuming with the same settings would diverge the same way: runs are deterministic)."""
+    found = list_checkpoints(run_dir / "checkpoints")
+    kept = (f"the last checkpoint (step {int(found[-1].name.split('-')[-1])}) stays in "
+            f"{found[-1].parent}" if found else f"no checkpoint was saved (log: {run_dir})")
+    settings = "a lower --lr" + (", --clip 1" if clip == 0 else "")
+    return (f"training diverged at step {step} of {total_steps}: {error}; no model "
+            f"written; {kept}; delete {run_dir} to start over with other settings "
+            f"({settings})")
 
 
 def training_run_dir(output: Path, *, force: bool, resume: bool) -> Path:
@@ -574,6 +628,14 @@ def save_final_model(session, model: torch.nn.Module, output: Path, force: bool,
     from minima_cli.model.checkpoint import quiet_transformers
 
     state_dict = session.full_state_dict(model)  # collective: before the main-rank branch
+    # every rank holding the full weights checks them (the same on all), so all stop together;
+    # under ZeRO-3 the gathered state dict is the main rank's
+    bad = nonfinite_parameter(session.unwrap(model)) if state_dict is None else next(
+        (name for name, t in state_dict.items()
+         if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise Diverged(f"the trained weight {bad} is not finite: no model written (checkpoints "
+                       f"and log stay in {run_dir})")
     result = None
     if session.is_main:
         unwrapped = session.unwrap(model)

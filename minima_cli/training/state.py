@@ -17,6 +17,7 @@ import json
 import math
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from minima_cli.errors import MinimaError
+from minima_cli.errors import MinimaError, first_line
 from minima_cli.fsutil import atomic_output_dir
 from minima_cli.training.config import SCHEDULES
 
@@ -187,16 +188,59 @@ def list_checkpoints(directory: Path) -> list[Path]:
                   if p.is_dir() and ".tmp-" not in p.name and (p / STATE_FILE).is_file())
 
 
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, or None. Checkpoints are renamed into
+    place only when complete, but a disk fault, a copy cut short or a hand edit can still damage
+    one: state.json must parse and every safetensors file be whole (headers only are read)."""
+    from minima_cli.model.tensors import read_safetensors_specs
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{STATE_FILE}: {first_line(error)}"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} has no step"
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        try:
+            read_safetensors_specs(path / name)
+        except MinimaError as error:
+            return str(error).removeprefix(f"{path / name}: ")
+    return None
+
+
+def newest_good_checkpoint(directory: Path) -> Path:
+    """The newest checkpoint under `directory` that is whole; each damaged newer one is skipped
+    with a warning line (resume then repeats the steps since the good one, to the same weights).
+    None whole is one error line."""
+    found = list_checkpoints(directory)
+    if not found:
+        raise MinimaError(f"no training checkpoint in {directory}")
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        print(f"warning: skipping damaged checkpoint {path.name} ({problem}); resuming from "
+              "the one before", file=sys.stderr)
+    raise MinimaError(f"every training checkpoint in {directory} is damaged (the newest: "
+                      f"{checkpoint_problem(found[-1])}): delete it to start the run again")
+
+
 def load_training_checkpoint(path: Path, model: torch.nn.Module,
                              optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNGs from a checkpoint dir (or the newest one under a run
     dir); returns its state.json for the loop (step, data position, ...)."""
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        found = list_checkpoints(path)
-        if not found:
-            raise MinimaError(f"no training checkpoint in {path}")
-        path = found[-1]
+    if (path / STATE_FILE).is_file():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise MinimaError(f"{path}: damaged training checkpoint ({problem})")
+    else:
+        path = newest_good_checkpoint(path)
     state = json.loads((path / STATE_FILE).read_text())
     weights = load_file(path / "model.safetensors")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}

@@ -66,8 +66,8 @@ def test_killed_sft_resumes_to_the_same_weights(chat_world, tmp_path, capsys):
 def test_killed_pipeline_resumes_and_finished_stages_are_not_redone(finished, tmp_path, capsys):
     reference, _ = finished
     workdir = tmp_path / "moved"  # a copy elsewhere: hashes use contents, not paths
-    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("distill", "sft", "eval",
-                                                                      "report"))
+    shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("distill", "sft", "export",
+                                                                      "eval", "report"))
     kept = {s: (workdir / s / "minima.json").read_text() for s in ("tiny", "score", "prune")}
     checkpoints = workdir / "distill.run" / "checkpoints"
     kill_at_checkpoint(run_args(workdir, "--until", "distill"), checkpoints, 4, timeout=240)

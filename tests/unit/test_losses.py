@@ -318,6 +318,39 @@ def test_low_precision_smoke(dtype, tol):
     torch.testing.assert_close(gw.double(), rw.double(), atol=tol / 10, rtol=tol)
 
 
+BF16_TOL = 2e-2  # bf16 keeps 8 bits of mantissa: values within 2 %, gradients within 2e-3
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd", "topk"])
+@pytest.mark.parametrize("dense", [True, False], ids=["row-ranges", "gathered"])
+def test_bf16_student_under_autocast_matches_the_fp64_reference(kind, dense):
+    # training under --precision bf16: the student's logits are bf16 (autocast), a cached
+    # teacher's log-probs float16; with prompt masking (sft) the counted rows are gathered
+    s = logits(2, N, V, seed=50).to(torch.bfloat16)
+    t = logits(2, N, V, seed=51).to(torch.bfloat16)
+    labels = torch.randint(0, V, (2, N), generator=torch.Generator().manual_seed(5))
+    labels[:, -1] = -100
+    if not dense:
+        labels[:, :15] = -100  # a third of the tokens count: below DENSE_FRACTION
+    if kind == "topk":
+        top = topk_of(t.double(), 6)
+        teacher, reference = TopK(top.logprobs.half(), top.indices), TopK(
+            top.logprobs.half().double(), top.indices)
+    else:
+        teacher, reference = t, t.double()
+    opts = {"alpha": 0.5, "kind": kind, "temperature": 1.0}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, (grad,) = value_and_grad(lambda x: distillation_loss(
+            x, teacher, labels, chunk_tokens=5, **opts)[0], s)
+    ref_value, (ref_grad,) = value_and_grad(lambda x: naive_distillation_loss(
+        x.double(), reference, labels, **opts)[0], s)
+    assert value.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert math.isfinite(value.item()) and bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(value.double(), ref_value, atol=BF16_TOL, rtol=BF16_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), atol=BF16_TOL / 10,
+                               rtol=BF16_TOL)
+
+
 def test_no_grad_and_grad_output_scaling():
     s, t = logits(N, V, seed=38), logits(N, V, seed=39)
     with torch.no_grad():

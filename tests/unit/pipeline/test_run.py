@@ -20,8 +20,10 @@ def test_tiny_recipe_end_to_end_distilled_beats_pruned(finished):
                                               "eval"], "ran")
     results = json.loads((workdir / "eval" / "results.json").read_text())
     ppl = {m["name"]: m["tasks"]["ppl:valid"]["ppl"] for m in results["models"]}
-    assert list(ppl) == ["teacher", "pruned", "distilled", "sft"]
+    assert list(ppl) == ["teacher", "pruned", "distilled", "sft", "exported"]
     assert ppl["distilled"] < ppl["pruned"], ppl
+    assert abs(ppl["exported"] / ppl["sft"] - 1) < 0.01, ppl  # the sft model as a q8_0 GGUF
+    assert (workdir / "export" / "model.gguf").read_bytes()[:4] == b"GGUF"
     params = {m["name"]: m["parameters"] for m in results["models"]}
     assert params["pruned"] == params["distilled"] < params["teacher"]
     for stage in ("tiny", "score", "prune", "distill", "sft", "eval"):
@@ -60,7 +62,7 @@ def test_second_run_redoes_nothing(finished, capsys):
         [c.strip() for c in line.strip("│ ").split("│")] for line in out.splitlines())
         if len(cells) > 1}
     assert plan["distill"] == "up to date" and plan["sft"] == "run (stale)"
-    assert plan["eval"] == "run (after sft)"
+    assert plan["export"] == "run (after sft)" and plan["eval"] == "run (after export)"
     assert weights.stat().st_mtime_ns == before
 
 

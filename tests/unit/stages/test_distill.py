@@ -25,8 +25,8 @@ def test_distill_improves_the_pruned_student(tiny_world, pruned, tmp_path):
 
 
 def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
-    other = tmp_path / "other"
-    save_model(tiny_random_model("llama"), other)
+    other = tmp_path / "other"  # embeddings for its own 300-token tokenizer
+    save_model(tiny_random_model("llama", vocab=300), other)
     from minima_cli.data.tiny_corpus import make_corpus
     from minima_cli.stages.tiny import train_tokenizer
 
@@ -37,6 +37,8 @@ def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
     out = tmp_path / "out"
     ds_with_optimizer = tmp_path / "ds_optimizer.json"
     ds_with_optimizer.write_text('{"optimizer": {"type": "AdamW"}}')
+    not_a_cache = tmp_path / "not_a_cache"
+    not_a_cache.mkdir()
     ds_not_json = tmp_path / "ds.json"
     ds_not_json.write_text("{stage: 2")
     empty = tmp_path / "empty.txt"
@@ -59,7 +61,7 @@ def test_bad_distill_inputs(tiny_world, pruned, tmp_path, capsys):
         (["--deepspeed", tmp_path / "missing.json"], "does not exist"),
         (["--deepspeed", ds_with_optimizer], "remove the 'optimizer' section"),
         (["--deepspeed", ds_not_json], "is not valid JSON"),
-        (["--teacher-cache", tmp_path], "not a minima output"),
+        (["--teacher-cache", not_a_cache], "not a minima output"),
         (["-d", empty], "no documents"),
         (["-d", no_field], "no field 'text'"),
         (["--hidden-weight", "-1"], "--hidden-weight must be >= 0"),
