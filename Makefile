@@ -94,6 +94,7 @@ bench: venv
 	$(PY) bench/kd_loss_memory.py
 	$(PY) bench/adamw.py
 	$(PY) bench/distill.py
+	$(PY) bench/mfu.py
 	$(PY) bench/data_scale.py
 
 # quality at equal budgets: KD vs CE only, sft, MiniDisc, the capacity gap, SmolLM2 (hours)

@@ -108,6 +108,31 @@ def distill_rss(world: Path, store: Path, out: Path, steps: int) -> tuple[float,
     return int(rss_kb) / 1024, float(seconds)
 
 
+def eval_seconds(world: Path, store: Path, repeats: int = 3) -> tuple[float, int]:
+    """(seconds, validation blocks) of one evaluation as distill runs it at each --eval-every:
+    the mean next-token loss of the teacher over the `--valid-tokens 8192` set of the store,
+    batch 4 x 64 tokens (the fastest of `repeats`, on the cores the distill runs use)."""
+    import time
+
+    import torch
+
+    from minima_cli.data.streams import prepare_data
+    from minima_cli.model.checkpoint import load_model, load_tokenizer, resolve_model
+    from minima_cli.training.state import evaluate_loss
+
+    torch.set_num_threads(2)
+    source = resolve_model(world / "teacher")
+    prepared = prepare_data(str(store), load_tokenizer(source), seq_len=64, seed=0,
+                            valid_tokens=8192)
+    model = load_model(source).eval()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        evaluate_loss(model, prepared.valid, 4)
+        best = min(best, time.perf_counter() - start)
+    return best, len(prepared.valid)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100", help="corpus sizes in MB, comma-separated")
@@ -143,18 +168,20 @@ def main() -> None:
         row["rss_mb"], row["distill_s"] = distill_rss(world, store, work / "student",
                                                       args.steps)
         row["rss1_mb"], row["first_step_s"] = distill_rss(world, store, work / "student", 1)
+        row["eval_s"], row["valid_blocks"] = eval_seconds(world, store)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| corpus | tokens | store | tokenize 1 worker | 2 workers | datasets.map "
-          "num_proc=2 | distill 5 steps: peak RSS, wall | 1 step: wall |")
-    print("|---|---|---|---|---|---|---|---|")
+          "num_proc=2 | distill 5 steps: peak RSS, wall | 1 step: wall | one evaluation |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         hf = (f"{r['datasets_s']:.1f} s ({r['datasets_mtok_s']:.2f} M tok/s)"
               if "datasets_s" in r else "-")
         print(f"| {r['mb']} MB | {r['tokens'] / 1e6:.1f} M | {r['store_mb']:.0f} MB | "
               f"{r['w1_s']:.1f} s ({r['w1_mtok_s']:.2f} M tok/s) | {r['w2_s']:.1f} s "
               f"({r['w2_mtok_s']:.2f} M tok/s) | {hf} | {r['rss_mb']:.0f} MB, "
-              f"{r['distill_s']:.1f} s | {r['first_step_s']:.1f} s |")
+              f"{r['distill_s']:.1f} s | {r['first_step_s']:.1f} s | {r['eval_s']:.2f} s "
+              f"({r['valid_blocks']} blocks) |")
 
 
 if __name__ == "__main__":

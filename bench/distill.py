@@ -125,7 +125,7 @@ def train_blocks(paths: dict[str, Path], args: argparse.Namespace) -> torch.Tens
     """The training blocks run_distill sees, in a fixed order (int64 `[n, seq_len]`)."""
     prepared = prepare_data(str(paths["data"]), student_tokenizer(paths), seq_len=args.seq_len,
                             seed=0, valid_fraction=args.valid_fraction)
-    return torch.cat(prepared.train).long()
+    return torch.cat([blocks[:] for blocks in prepared.train]).long()
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:

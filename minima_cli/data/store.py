@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from minima_cli.data.read import data_files, looks_like_hub_name
+from minima_cli.data.read import (
+    SUPPORTED_SUFFIXES,
+    TEXT_SUFFIXES,
+    _read_json,
+    data_files,
+    looks_like_hub_name,
+    read_jsonl,
+    text_lines,
+)
 from minima_cli.data.sources import STORE_MANIFEST, DataSource, source_fingerprint
 from minima_cli.errors import MinimaError, first_line
 from minima_cli.fsutil import atomic_file, fsync_dir
@@ -130,6 +139,7 @@ class TokenStore:
                     raise MinimaError(f"{self.path}: shard file {name} is truncated or damaged "
                                       f"({size} bytes, expected {expected})")
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.keep: Any = None  # what must live as long as the store (a temporary directory)
 
     # -- identity
 
@@ -343,13 +353,14 @@ def _quiet_datasets() -> Any:
     return datasets
 
 
-def source_files(source: DataSource) -> list[Path] | None:
+def source_files(source: DataSource, suffixes: tuple[str, ...] = SCAN_SUFFIXES
+                 ) -> list[Path] | None:
     """The local files of a source in reading order, or None for a hub dataset."""
     path = Path(source.path_or_name).expanduser()
     if path.is_dir():
         if is_store(path) or looks_like_partial_store(path):
             raise MinimaError(f"{path} is a token store, not text: use it as --data directly")
-        return data_files(path, SCAN_SUFFIXES)
+        return data_files(path, suffixes)
     if path.exists():
         if path.suffix not in BUILDERS:
             raise MinimaError(f"unsupported data file {path} (expected one of "
@@ -374,17 +385,81 @@ def _open(source: DataSource, file: Path | None) -> Any:
         raise MinimaError(f"{file}: cannot read ({first_line(e)})") from None
 
 
-def iter_records(source: DataSource, start: tuple[int, int] = (0, 0)
+def _local_texts(file: Path, field: str) -> Iterator[str | None]:
+    """Each record's text (None when blank) of a local text, JSON or parquet file, parsed exactly
+    as data/read.py's in-memory readers parse it (same documents, same one-line errors: a NUL
+    byte, bytes that are not UTF-8, a missing field, a value that is not a string), streamed
+    where the format allows (a `.json` value is read whole, as JSON is)."""
+    if file.suffix in TEXT_SUFFIXES:  # a document per line; datasets' text builder agrees
+        for _, line in text_lines(file):
+            yield line.rstrip("\r\n") if line.strip() else None
+        return
+    if file.suffix == ".json":  # a list of records, {field: [...]} or JSON lines
+        yield from (text if text.strip() else None for text in _read_json(file, field))
+        return
+    if file.suffix == ".parquet":
+        yield from _parquet_texts(file, field)
+        return
+    for lineno, record in read_jsonl(file):  # .jsonl
+        yield _record_text(f"{file}:{lineno}", record, field)
+
+
+def _record_text(where: str, record: Any, field: str) -> str | None:
+    if not isinstance(record, dict):
+        raise MinimaError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if field not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        raise MinimaError(f"{where}: no field '{field}' (fields present: {fields})")
+    value = record[field]
+    if value is not None and not isinstance(value, str):
+        raise MinimaError(f"{where}: field '{field}' is {type(value).__name__}, not a string")
+    return value if value and value.strip() else None
+
+
+def _parquet_texts(file: Path, field: str) -> Iterator[str | None]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+        names = parquet.schema_arrow.names
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise MinimaError(f"{file}: cannot read parquet file ({first_line(e)})") from None
+    if field not in names:
+        raise MinimaError(f"{file}: no column '{field}' (columns present: "
+                          f"{', '.join(names) or 'none'})")
+    row = 0
+    try:
+        batches = parquet.iter_batches(columns=[field], batch_size=4096)
+        for batch in batches:
+            for value in batch.column(0).to_pylist():
+                row += 1
+                yield _record_text(f"{file} row {row}", {field: value}, field)
+    except MinimaError:
+        raise
+    except Exception as e:
+        raise MinimaError(f"{file}: cannot read parquet file ({first_line(e)})") from None
+
+
+def iter_records(source: DataSource, start: tuple[int, int] = (0, 0),
+                 suffixes: tuple[str, ...] = SCAN_SUFFIXES
                  ) -> Iterator[tuple[tuple[int, int], str | None]]:
     """((file, record) position after this record, its text or None when blank) for every
-    record of a source from `start`, streamed with `datasets`."""
-    files = source_files(source)
+    record of a source from `start`: local text, JSON and parquet files parsed as data/read.py
+    parses them (`_local_texts`), `.arrow` files and hub datasets streamed with `datasets`.
+    `suffixes`: what a directory scan reads."""
+    files = source_files(source, suffixes)
     field = source.text_field
     targets: list[Path | None] = [None] if files is None else list(files)
     for f, file in enumerate(targets):
         if f < start[0]:
             continue
         skip = start[1] if f == start[0] else 0
+        if file is not None and file.suffix != ".arrow":
+            texts = _local_texts(file, field)
+            for position, text in enumerate(texts, start=1):
+                if position > skip:
+                    yield (f, position), text
+            continue
         dataset = _open(source, file)
         if skip:
             dataset = dataset.skip(skip)
@@ -410,10 +485,10 @@ def iter_records(source: DataSource, start: tuple[int, int] = (0, 0)
             raise MinimaError(f"{where}: cannot read ({first_line(e)})") from None
 
 
-def check_source(source: DataSource) -> None:
+def check_source(source: DataSource, suffixes: tuple[str, ...] = SCAN_SUFFIXES) -> None:
     """Cheap checks before a build: the source exists, its first records carry the text field,
     and it holds at least one non-blank document (reading until the first one)."""
-    for _, text in iter_records(source):
+    for _, text in iter_records(source, suffixes=suffixes):
         if text is not None:
             return
     raise MinimaError(f"no documents in {source.path_or_name} (it is empty or every "
@@ -459,7 +534,8 @@ def encode_chunk(texts: list[str], dtype: str, tokenizer: Any = None
     return flat.astype(dtype), lengths
 
 
-def _chunks(sources: list[DataSource], cursor: dict[str, int]
+def _chunks(sources: list[DataSource], cursor: dict[str, int],
+            suffixes: tuple[str, ...] = SCAN_SUFFIXES
             ) -> Iterator[tuple[list[str], list[tuple[int, int, int]]]]:
     """Chunks of (documents, the position after each document) from the cursor on."""
     texts: list[str] = []
@@ -467,7 +543,7 @@ def _chunks(sources: list[DataSource], cursor: dict[str, int]
     chars = 0
     for s in range(cursor["source"], len(sources)):
         start = (cursor["file"], cursor["record"]) if s == cursor["source"] else (0, 0)
-        for (f, r), text in iter_records(sources[s], start):
+        for (f, r), text in iter_records(sources[s], start, suffixes):
             if text is None:
                 continue
             texts.append(text)
@@ -511,11 +587,15 @@ def _encoded(chunks: Iterator[tuple[list[str], list]], tokenizer: Any, tokenizer
 
 
 def build_key(sources: list[DataSource], contents: list[str], tokenizer_fp: str, dtype: str,
-              max_tokens: int, shard_tokens: int) -> str:
+              max_tokens: int, shard_tokens: int,
+              suffixes: tuple[str, ...] = SCAN_SUFFIXES) -> str:
     """What decides the bytes of a store: a build in progress continues only under the same."""
-    spec = {"version": STORE_VERSION, "tokenizer": tokenizer_fp, "dtype": dtype,
-            "max_tokens": int(max_tokens), "shard_tokens": int(shard_tokens),
-            "sources": [[c, s.text_field] for s, c in zip(sources, contents, strict=True)]}
+    spec: dict[str, Any] = {
+        "version": STORE_VERSION, "tokenizer": tokenizer_fp, "dtype": dtype,
+        "max_tokens": int(max_tokens), "shard_tokens": int(shard_tokens),
+        "sources": [[c, s.text_field] for s, c in zip(sources, contents, strict=True)]}
+    if suffixes != SCAN_SUFFIXES:
+        spec["scan"] = list(suffixes)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -543,13 +623,15 @@ def _load_progress(build: Path, key: str) -> dict[str, Any] | None:
 def build_store(sources: list[DataSource], tokenizer: Any, tokenizer_path: str, output: Path,
                 *, tokenizer_fp: str, workers: int = 1, max_tokens: int = 0,
                 shard_tokens: int = SHARD_TOKENS, force: bool = False,
-                on_shard: Any = None, finish: Any = None) -> dict[str, Any]:
+                on_shard: Any = None, finish: Any = None, contents: list[str] | None = None,
+                suffixes: tuple[str, ...] = SCAN_SUFFIXES) -> dict[str, Any]:
     """Tokenise `sources` into the store `output` (see the module doc); returns its manifest.
 
     A build in `output.tmp-build/` with the same inputs and settings is continued from its last
     complete shard; one with other inputs is discarded. `on_shard(entry, totals)` is called after
     each shard is safely written (progress display, tests); `finish(directory, manifest)` adds
-    files (the stage's minima.json) before the store becomes visible.
+    files (the stage's minima.json) before the store becomes visible. `contents` takes the
+    sources' precomputed content fingerprints; `suffixes` is what a directory scan reads.
     """
     if workers < 1:
         raise MinimaError(f"--workers must be at least 1, got {workers}")
@@ -558,13 +640,13 @@ def build_store(sources: list[DataSource], tokenizer: Any, tokenizer_path: str, 
     if shard_tokens < 1:
         raise MinimaError(f"--shard-tokens must be at least 1, got {shard_tokens}")
     output = Path(output).expanduser()
-    contents = [source_fingerprint(s) for s in sources]
+    contents = contents or [source_fingerprint(s) for s in sources]
     for source in sources:
-        check_source(source)
+        check_source(source, suffixes)
     vocab_size = len(tokenizer)
     dtype = store_dtype(vocab_size)
     itemsize = np.dtype(dtype).itemsize
-    key = build_key(sources, contents, tokenizer_fp, dtype, max_tokens, shard_tokens)
+    key = build_key(sources, contents, tokenizer_fp, dtype, max_tokens, shard_tokens, suffixes)
     build = output.with_name(output.name + BUILD_SUFFIX)
     progress = _load_progress(build, key) if build.is_dir() else None
     if progress is not None:  # drop what a kill left after the last recorded shard
@@ -584,7 +666,7 @@ def build_store(sources: list[DataSource], tokenizer: Any, tokenizer_path: str, 
     try:
         if not progress["done"]:
             _fill(build, progress, sources, tokenizer, tokenizer_path, workers, dtype,
-                  max_tokens, shard_tokens, on_shard)
+                  max_tokens, shard_tokens, on_shard, suffixes)
         if progress["documents"] == 0:
             raise MinimaError("no documents to tokenise (every source is empty or blank)")
     except MinimaError:
@@ -620,7 +702,7 @@ def build_store(sources: list[DataSource], tokenizer: Any, tokenizer_path: str, 
 
 def _fill(build: Path, progress: dict[str, Any], sources: list[DataSource], tokenizer: Any,
           tokenizer_path: str, workers: int, dtype: str, max_tokens: int, shard_tokens: int,
-          on_shard: Any) -> None:
+          on_shard: Any, suffixes: tuple[str, ...] = SCAN_SUFFIXES) -> None:
     """Tokenise from the progress cursor on, writing a shard whenever one is full."""
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
@@ -655,7 +737,16 @@ def _fill(build: Path, progress: dict[str, Any], sources: list[DataSource], toke
         pieces, lengths, held = [], [], 0
 
     budget = max_tokens - progress["tokens"] if max_tokens else None
-    chunks = _chunks(sources, progress["cursor"])
+    chunks = _chunks(sources, progress["cursor"], suffixes)
+    started, text_chars = time.perf_counter(), 0
+
+    def counted(chunks: Iterator[tuple[list[str], list]]) -> Iterator[tuple[list[str], list]]:
+        nonlocal text_chars
+        for texts, positions in chunks:
+            text_chars += sum(len(t) for t in texts)
+            yield texts, positions
+
+    chunks = counted(chunks)
     for flat, chunk_lengths, positions in _encoded(chunks, tokenizer, tokenizer_path, workers,
                                                    dtype):
         start = 0
@@ -676,6 +767,137 @@ def _fill(build: Path, progress: dict[str, Any], sources: list[DataSource], toke
         if budget is not None and budget <= 0:
             break
     flush(final=True)
+    record_rate(text_chars, time.perf_counter() - started, workers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The measured tokenisation rate (for `minima run --dry-run`)
+
+RATE_MIN_CHARS = 1 << 20  # builds smaller than this do not measure a rate worth keeping
+
+
+def rate_cache() -> Path:
+    """$MINIMA_RATE_CACHE, else ~/.cache/minima/tokenize_rates.json (per machine)."""
+    if os.environ.get("MINIMA_RATE_CACHE"):
+        return Path(os.environ["MINIMA_RATE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minima" / \
+        "tokenize_rates.json"
+
+
+def _machine() -> str:
+    from minima_cli.training.flops import cpu_model
+
+    return f"{cpu_model()} x{os.cpu_count()}"
+
+
+def record_rate(chars: int, seconds: float, workers: int) -> None:
+    """Keep the text characters per second per worker of the latest build of at least
+    RATE_MIN_CHARS on this machine (best effort: a read-only home keeps nothing)."""
+    if chars < RATE_MIN_CHARS or seconds <= 0:
+        return
+    cache = rate_cache()
+    try:
+        known = json.loads(cache.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    known[_machine()] = {"chars_per_s_per_worker": chars / seconds / workers, "chars": chars,
+                         "workers": workers}
+    try:
+        from minima_cli.fsutil import atomic_write_text
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps(known, indent=1))
+    except OSError:
+        pass
+
+
+def measured_rate() -> float | None:
+    """Characters per second per worker measured by the latest large enough build here."""
+    try:
+        entry = json.loads(rate_cache().read_text()).get(_machine())
+        return float(entry["chars_per_s_per_worker"]) if entry else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def describe_source(source: DataSource) -> str:
+    """One line for `minima run --dry-run` about a training source: a store's size on disk and
+    token count, or a raw source's size and its tokenisation time (one process, as a run's
+    cache is built) estimated from the rate measured on this machine, if any."""
+    from minima_cli.units import format_count
+
+    path = Path(source.path_or_name).expanduser()
+    if is_store(path):
+        try:
+            store = TokenStore(path)
+        except MinimaError as e:
+            return f"{source.path_or_name}: {e}"
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        return (f"{source.path_or_name}: token store, {size / 1e9:.3g} GB on disk, "
+                f"{format_count(store.n_tokens)} tokens, {format_count(store.n_documents)} "
+                "documents (memory-mapped)")
+    if not path.exists():
+        if looks_like_hub_name(source.path_or_name):
+            return (f"{source.path_or_name}: hub dataset, tokenised as it streams on first use "
+                    "(size unknown until read; `minima tokenize` it into a store first)")
+        return f"{source.path_or_name}: not there yet (made by an earlier stage)"
+    try:
+        files = [path] if path.is_file() else data_files(path, SUPPORTED_SUFFIXES)
+    except MinimaError as e:
+        return f"{source.path_or_name}: {e}"
+    size = sum(f.stat().st_size for f in files)
+    line = f"{source.path_or_name}: raw text, {size / 1e6:.3g} MB, tokenised into the run's " \
+        "cache on first use"
+    rate = measured_rate()
+    if rate is None:
+        return line + " (no tokenisation rate measured on this machine yet: `minima tokenize` " \
+            "of 1 MB or more records one)"
+    # bytes ~ characters for mostly-ASCII text; parquet is compressed, so this is a floor there
+    return line + f", about {max(1, round(size / rate))} s at the {rate / 1e6:.2g} M chars/s " \
+        "measured here"
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's cache of raw sources
+
+RUN_CACHE_VERSION = 1
+
+
+def run_cache_key(content: str, text_field: str, tokenizer_fp: str) -> str:
+    """The cache entry of a raw source: seq_len, seed and the split are not in it, so changing
+    them re-cuts the cached store without tokenising again."""
+    key = json.dumps(["store", RUN_CACHE_VERSION, content, text_field, tokenizer_fp])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def source_store(source: DataSource, tokenizer: Any, cache_dir: str | Path, *, content: str,
+                 tokenizer_fp: str) -> TokenStore:
+    """A raw source tokenised into a store in a run's cache, `<cache_dir>/store-<key>/`: built
+    by `build_store` on first use (in this process, resumable from `store-<key>.tmp-build/`
+    after a kill), opened on later uses. An entry that does not open, or whose tokenizer or
+    content is not this one, is rebuilt, never trusted.
+
+    The documents are those data/read.py's `read_documents` returns (same parsers, a directory
+    scanned for the same suffixes), so the blocks, split and fingerprint of a run on raw text
+    are those of the in-memory path this replaced."""
+    key = run_cache_key(content, source.text_field, tokenizer_fp)
+    path = Path(cache_dir).expanduser() / f"store-{key}"
+    if is_store(path):
+        try:
+            store = TokenStore(path)
+            if store.tokenizer_fingerprint == tokenizer_fp and \
+                    [s.get("content") for s in store.manifest["sources"]] == [content]:
+                return store
+        except MinimaError:
+            pass  # damaged: rebuilt below
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_store([source], tokenizer, "", path, tokenizer_fp=tokenizer_fp, contents=[content],
+                    suffixes=SUPPORTED_SUFFIXES, force=True)
+    except OSError as e:
+        raise MinimaError(f"cannot write the token cache {path}: {e.strerror or e}") from None
+    return TokenStore(path)
 
 
 def sample_store_blocks(path: str | Path, tokenizer: Any, seq_len: int, n_blocks: int,

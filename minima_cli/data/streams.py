@@ -1,7 +1,8 @@
-"""A run's token-block data: `prepare_data` (sources -> cached flat tokens (`tokenize_source`) ->
-per-source train / validation split -> EOS-separated `seq_len` blocks, plus the data
-fingerprint) and `MixedBlockStream`, which samples blocks from the sources by weight and whose
-position is a small JSON-able state, so a resumed run continues with exactly the same batches
+"""A run's token-block data: `prepare_data` (sources -> token stores (raw text is tokenised into
+a store in the run's cache on first use, data/store.py) -> per-source train / validation split
+-> EOS-separated `seq_len` blocks read from the memory map, plus the data fingerprint) and
+`MixedBlockStream`, which samples blocks from the sources by weight and whose position is a
+small JSON-able state, so a resumed run continues with exactly the same batches
 (docs/formats.md).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minima_cli.data.pack import (
-    blocks_from_stream,
-    held_out_by_tokens,
-    pack_tokens,
-    separated_stream,
-    split_documents,
-)
+from minima_cli.data.pack import blocks_from_stream, held_out_by_tokens, split_documents
 from minima_cli.data.position import ResumableStream
 from minima_cli.data.seeds import MIX, SHUFFLE, permutation
 from minima_cli.data.sources import (
@@ -34,16 +30,15 @@ from minima_cli.data.sources import (
     source_fingerprint,
     tokenizer_fingerprint,
 )
-from minima_cli.data.store import StoreBlocks, TokenStore, held_stream, is_store
-from minima_cli.data.tokenize import tokenize_source
+from minima_cli.data.store import StoreBlocks, TokenStore, held_stream, is_store, source_store
 from minima_cli.errors import MinimaError
 
 
 @dataclass
 class PreparedData:
-    """A run's data: per-source training blocks (int32 `[n_i, seq_len]`: a tensor, or for a token
-    store a `StoreBlocks` read on demand), the validation blocks (int64 `[n_valid, seq_len]`, no
-    rows without a split) and the data fingerprint."""
+    """A run's data: per-source training blocks (int32 `[n_i, seq_len]`, a `StoreBlocks` read on
+    demand from a token store's memory map), the validation blocks (int64 `[n_valid, seq_len]`,
+    no rows without a split) and the data fingerprint."""
 
     sources: list[DataSource]
     train: list[Any]
@@ -84,7 +79,7 @@ def prepare_data(
     text_field: str = "text",
     valid_tokens: int = 0,
 ) -> PreparedData:
-    """Parse, tokenize (cached), split and pack the sources of a run.
+    """Parse, tokenize (into a store, cached), split and pack the sources of a run.
 
     Each source holds out its own `valid_fraction` / `valid_documents` documents; the held-out
     documents of all sources form one validation stream, packed like the training blocks. With
@@ -92,8 +87,12 @@ def prepare_data(
     documents until its share of `valid_tokens` is met, and the validation set is exactly
     `valid_tokens // seq_len` blocks: an evaluation costs the same whatever the corpus size.
 
-    A token store (a directory with `store.json`, data/store.py) is a source too: its training
-    blocks are read from the memory map on demand (`StoreBlocks`), never held in memory.
+    A token store (a directory with `store.json`, data/store.py) is a source as it is; a raw
+    source is tokenised into a store in `cache_dir` on first use (`store.source_store`; without
+    a `cache_dir`, in a temporary directory that lives as long as the store's blocks). Either
+    way training blocks are read from the memory map on demand (`StoreBlocks`), never held in
+    memory, and for raw text they are exactly the blocks the in-memory packing of the same
+    documents made (`pack.pack_tokens`), so runs and their fingerprints are unchanged.
     """
     sources = parse_sources(sources, text_field)
     _check_seed(seed)
@@ -114,37 +113,26 @@ def prepare_data(
     train: list[Any] = []
     valid_parts = []
     for i, (source, content) in enumerate(zip(sources, contents, strict=True)):
+        if is_store(source.path_or_name):
+            store = _open_store(source, tokenizer_fp)
+        elif cache_dir is None:  # a temporary store, removed when its last block reader goes
+            temporary = tempfile.TemporaryDirectory(prefix="minima-tokens-")
+            store = source_store(source, tokenizer, temporary.name, content=content,
+                                 tokenizer_fp=tokenizer_fp)
+            store.keep = temporary
+        else:  # raw text: its store in the run's cache (errors name their file already)
+            store = source_store(source, tokenizer, cache_dir, content=content,
+                                 tokenizer_fp=tokenizer_fp)
         try:
-            if is_store(source.path_or_name):
-                blocks, held = _store_source(
-                    source, tokenizer_fp, seq_len, eos_id, seed=seed, source_index=i,
-                    valid_fraction=valid_fraction, valid_documents=valid_documents,
-                    valid_budget=budget if valid_tokens else 0)
-                train.append(blocks)
-                if held is not None:
-                    valid_parts.append(held)
-                continue
+            blocks, held = _store_source(
+                store, seq_len, eos_id, seed=seed, source_index=i,
+                valid_fraction=valid_fraction, valid_documents=valid_documents,
+                valid_budget=budget if valid_tokens else 0)
         except MinimaError as e:
             raise MinimaError(f"data source {source.path_or_name}: {e}") from None
-        flat = tokenize_source(
-            source, tokenizer, cache_dir, content=content, tokenizer_fp=tokenizer_fp
-        )
-        try:
-            if valid_tokens:
-                valid_docs = held_out_by_tokens(
-                    np.diff(flat.offsets).__getitem__, flat.n_documents, budget,
-                    seed=seed, source_index=i)
-                train_docs = np.setdiff1d(np.arange(flat.n_documents), valid_docs)
-            else:
-                train_docs, valid_docs = split_documents(
-                    flat.n_documents, seed=seed, source_index=i,
-                    valid_fraction=valid_fraction, valid_documents=valid_documents,
-                )
-            train.append(pack_tokens(flat, train_docs, seq_len, eos_id))
-        except MinimaError as e:
-            raise MinimaError(f"data source {source.path_or_name}: {e}") from None
-        if len(valid_docs):
-            valid_parts.append(separated_stream(flat, valid_docs, eos_id))
+        train.append(blocks)
+        if held is not None:
+            valid_parts.append(held)
     valid = torch.zeros(0, seq_len, dtype=torch.long)
     if valid_parts:
         stream = np.concatenate(valid_parts)
@@ -164,15 +152,24 @@ def prepare_data(
     return PreparedData(sources, train, valid, seq_len, seed, fingerprint)
 
 
-def _store_source(source: DataSource, tokenizer_fp: str, seq_len: int, eos_id: int, *,
-                  seed: int, source_index: int, valid_fraction: float, valid_documents: int,
-                  valid_budget: int) -> tuple[StoreBlocks, np.ndarray | None]:
-    """A store's training blocks (memory-mapped) and its held-out validation stream (or None)."""
-    store = TokenStore(source.path_or_name)
+def _open_store(source: DataSource, tokenizer_fp: str) -> TokenStore:
+    try:
+        store = TokenStore(source.path_or_name)
+    except MinimaError as e:
+        raise MinimaError(f"data source {source.path_or_name}: {e}") from None
     if store.tokenizer_fingerprint != tokenizer_fp:
-        raise MinimaError("the token store was made with another tokenizer than this run's "
-                          "model: tokenise the text again with `minima tokenize --tokenizer "
-                          "MODEL`")
+        raise MinimaError(f"data source {source.path_or_name}: the token store was made with "
+                          "another tokenizer than this run's model: tokenise the text again "
+                          "with `minima tokenize --tokenizer MODEL`")
+    return store
+
+
+def _store_source(store: TokenStore, seq_len: int, eos_id: int, *, seed: int,
+                  source_index: int, valid_fraction: float, valid_documents: int,
+                  valid_budget: int) -> tuple[StoreBlocks, np.ndarray | None]:
+    """A store's training blocks (memory-mapped) and its held-out validation stream (or None):
+    the documents held out are drawn as the in-memory split drew them (`pack.split_documents`,
+    `pack.held_out_by_tokens`), from the document count and lengths alone."""
     if valid_budget:
         held = held_out_by_tokens(store.document_length, len(store), valid_budget, seed=seed,
                                   source_index=source_index)

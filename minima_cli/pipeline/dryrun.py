@@ -136,6 +136,22 @@ def dry_run(recipe: Recipe, *, start: str | None = None, stop: str | None = None
     return Group(*parts)
 
 
+def data_lines(stage: str, options: dict[str, Any]) -> list[str]:
+    """Each training source of a stage that reads text blocks: a store's size on disk and
+    token count, a raw source's estimated tokenisation time (data/store.py: describe_source).
+    sft's chat rows are small and read whole, so they are not listed."""
+    if stage == "sft" or not options.get("data"):
+        return []
+    from minima_cli.data.sources import parse_sources
+    from minima_cli.data.store import describe_source
+
+    try:
+        sources = parse_sources(options["data"], options.get("text_field") or "text")
+    except MinimaError:
+        return []  # the preflight or the stage says what is wrong with the spec
+    return [f"{stage} data: {describe_source(source)}" for source in sources]
+
+
 def training_plan(recipe: Recipe, stage: str, teacher: ModelShape | None,
                   student: ModelShape | None) -> list[Any]:
     """Token budget and memory estimate lines/tables of one training stage."""
@@ -160,6 +176,7 @@ def training_plan(recipe: Recipe, stage: str, teacher: ModelShape | None,
             line += f"; {budget['tokens'] / count_parameters(student):,.3g} tokens per student " \
                     "parameter"
         parts.append(line)
+    parts.extend(data_lines(stage, {**options, "data": recipe.resolve(options.get("data"))}))
     model = student if stage == "distill" else None
     if model is None or teacher is None:
         return parts

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minima_cli.options import OptionError, option
-from minima_cli.training.config import PRECISIONS, KDOptions, TrainConfig
+from minima_cli.training.config import (
+    PRECISIONS,
+    KDOptions,
+    TrainConfig,
+    peak_option,
+)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCORE_METHODS = ("grad", "activation")
@@ -102,6 +107,7 @@ class ScoreConfig:
     seed: int = option(0, "Seed for sampling the scored sequences.", low=0)
     dtype: str = option("auto", "Weights dtype (auto: as stored).", choices=DTYPES)
     device: str = device_option()
+    peak_tflops: float | None = peak_option()
 
 
 @dataclass(frozen=True)
@@ -341,6 +347,7 @@ class EvalConfig:
     seed: int = option(0, "Seed for sampled generation and the harness.", low=0)
     dtype: str = option("auto", "Weights dtype (auto: as stored).", choices=DTYPES)
     device: str = device_option()
+    peak_tflops: float | None = peak_option()
 
 
 @dataclass(frozen=True)

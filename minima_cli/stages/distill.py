@@ -50,6 +50,7 @@ from minima_cli.training.loop import (
     save_final_model,
     train,
     training_run_dir,
+    training_throughput,
 )
 
 
@@ -232,9 +233,15 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
                            vocab_size=len(tokenizer), hidden=hidden)
     run_id = {"config": config.fingerprint(), "data": prepared.fingerprint,
               "student": model_fingerprint(student_src), "teacher": teacher_fp}
+    # model FLOPs: the student trains; the teacher forwards only when it runs (not with a cache)
+    throughput = training_throughput(
+        session, config, shape_from_config(student.config),
+        shape_from_config(load_config(teacher_src)) if teacher is not None else None)
     result = train(session=session, model=student, loss_fn=loss_fn, stream=stream,
                    valid_blocks=prepared.valid, config=config, run_dir=run_dir, run_id=run_id,
-                   resume=resume, progress=progress, description="distill")
+                   resume=resume, progress=progress, description="distill",
+                   throughput=throughput)
+    tokens_per_s = result.tokens / max(result.seconds, 1e-9)
 
     def write_extra(tmp: Path) -> dict[str, Any]:
         copy_tokenizer_files(student_src, tmp)
@@ -250,7 +257,7 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
             hidden_map=asdict(hidden) if hidden else None,
             metrics={**result.metrics, "steps": result.steps, "tokens": result.tokens,
                      "world_size": session.world_size, "precision": session.precision,
-                     "tokens_per_s": result.tokens / max(result.seconds, 1e-9)},
+                     "tokens_per_s": tokens_per_s, **throughput.summary(tokens_per_s)},
             wall_time_s=result.seconds)
 
     return save_final_model(session, result.model, output, force, run_dir, write_extra)

@@ -28,7 +28,9 @@ Conventions, so that minima's numbers and the harness's agree:
   chunk's first token has no context and is not scored), as HF's "perplexity of fixed-length
   models" guide. ppl = exp(total NLL / scored tokens), token-weighted over the whole file.
 - Throughput (`tokens_per_second`) counts every token the model reads in minima-run tasks
-  (windows, contexts with continuations, prompts and generated tokens) over their wall time.
+  (windows, contexts with continuations, prompts and generated tokens) over their wall time;
+  `throughput` adds its model FLOPs (2 x matmul parameters a token, attention left out: a lower
+  bound), TFLOP/s and MFU against --peak-tflops or the measured matmul peak (training/flops.py).
 """
 
 from __future__ import annotations
@@ -107,7 +109,33 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskS
     small = next(model.parameters()).device.type == "cpu" and \
         getattr(model.config, "hidden_size", 0) <= SMALL_HIDDEN
     with torch_threads(1) if small else contextlib.nullcontext():
-        return _evaluate_model(model, tokenizer, tasks, config, progress, generations)
+        result = _evaluate_model(model, tokenizer, tasks, config, progress, generations)
+        # the peak at the thread count the tasks ran with
+        result["throughput"] = eval_throughput(model, config, result["tokens_per_second"])
+    return result
+
+
+def eval_throughput(model: torch.nn.Module, config: EvalConfig,
+                    tokens_per_second: float | None) -> dict[str, Any] | None:
+    """Model FLOPs per token, TFLOP/s and MFU of the minima-run tasks: a forward's matmuls,
+    2 x the matmul parameters. The attention term is left out (sequences differ in length from
+    task to task), so the figure is a lower bound. None when no token was counted or the
+    architecture has no minima shape."""
+    from minima_cli.model.arch import shape_from_config
+    from minima_cli.training.flops import Throughput, matmul_parameters, resolve_peak
+
+    if not tokens_per_second:
+        return None
+    try:
+        shape = shape_from_config(model.config)
+    except MinimaError:
+        return None
+    parameter = next(model.parameters())
+    peak, source = resolve_peak(config.peak_tflops, parameter.device,
+                                str(parameter.dtype).removeprefix("torch."), [shape],
+                                config.batch_size * model_max_length(model.config,
+                                                                     config.max_length))
+    return Throughput(2 * matmul_parameters(shape), peak, source).summary(tokens_per_second)
 
 
 def _evaluate_model(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[TaskSpec],
@@ -298,7 +326,9 @@ def run_eval(*, models: Sequence[str], tasks: Sequence[str], config: EvalConfig,
         model_fingerprint,
         resolve_model,
     )
+    from minima_cli.training.config import check_peak
 
+    check_peak(config.peak_tflops)
     if not models:
         raise MinimaError("give at least one --model")
     if not tasks:
@@ -393,6 +423,7 @@ def write_results(output: Path, results: dict[str, Any],
                                "tasks": results["tasks"]},
                        config=results["config"],
                        metrics={m["name"]: m["tasks"] for m in results["models"]},
+                       throughput={m["name"]: m.get("throughput") for m in results["models"]},
                        wall_time_s=results["wall_time_s"])
 
 

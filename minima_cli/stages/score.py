@@ -234,10 +234,17 @@ def run_score(
     device: str = "auto",
     force: bool = False,
     progress: bool = True,
+    peak_tflops: float | None = None,
 ) -> dict[str, Any]:
     """Score `model_path` on `data` into `output` (scores.safetensors + minima.json).
-    `seq_len` None: the smaller of 512 and the model's positions (configs.resolve_seq_len)."""
+    `seq_len` None: the smaller of 512 and the model's positions (configs.resolve_seq_len).
+    The manifest's metrics carry the model FLOPs per token, TFLOP/s and MFU against
+    `peak_tflops` (default: flops.resolve_peak's)."""
     from minima_cli.model.checkpoint import load_tokenizer
+    from minima_cli.training.config import check_peak
+    from minima_cli.training.flops import Throughput, resolve_peak, score_flops_per_token
+
+    check_peak(peak_tflops)
 
     if method not in METHODS:
         raise MinimaError(f"unknown method {method!r}: choose {' or '.join(METHODS)}")
@@ -268,6 +275,10 @@ def run_score(
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     model = load_model(source, dtype=dtype).to(device)
     scorer = gradient_scores if method == "grad" else activation_scores
+    peak, peak_source = resolve_peak(peak_tflops, device, str(model.dtype).removeprefix("torch."),
+                                     [shape], batch_size * seq_len)
+    throughput = Throughput(score_flops_per_token(shape, seq_len, method), peak * world,
+                            peak_source)
 
     start = time.perf_counter()
     with step_progress(f"score ({method})", -(-len(shard) // batch_size),
@@ -297,7 +308,8 @@ def run_score(
                     "dtype": str(model.dtype)},
             model_shape=shape.as_dict(),
             metrics={"tokens": int(blocks.numel()), "mean_loss": mean_loss,
-                     "tokens_per_second": blocks.numel() / seconds},
+                     "tokens_per_second": blocks.numel() / seconds,
+                     **throughput.summary(blocks.numel() / seconds)},
             wall_time_s=seconds,
         )
 
@@ -310,4 +322,4 @@ def run(config: ScoreConfig, control: RunControl) -> dict[str, Any]:
                      batch_size=config.batch_size, method=config.method,
                      text_field=config.text_field, seed=config.seed,
                      dtype=torch_dtype(config.dtype), device=config.device, force=control.force,
-                     progress=control.progress)
+                     progress=control.progress, peak_tflops=config.peak_tflops)

@@ -36,6 +36,7 @@ from minima_cli.data.teacher_cache import teacher_topk
 from minima_cli.errors import MinimaError
 from minima_cli.fsutil import write_manifest
 from minima_cli.losses import TopK, distillation_loss, summed_cross_entropy
+from minima_cli.model.arch import shape_from_config
 from minima_cli.model.checkpoint import (
     check_same_tokenizer,
     copy_tokenizer_files,
@@ -55,6 +56,7 @@ from minima_cli.training.loop import (
     save_final_model,
     train,
     training_run_dir,
+    training_throughput,
 )
 
 
@@ -202,12 +204,18 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
     run_id = {"config": config.fingerprint(), "data": chat.fingerprint,
               "model": model_fingerprint(source),
               "teacher": model_fingerprint(teacher_src) if teacher_src else None}
+    throughput = training_throughput(
+        session, config, shape_from_config(model.config),
+        shape_from_config(load_config(teacher_src)) if teacher_src is not None else None)
     result = train(session=session, model=model, loss_fn=make_loss_fn(config, teacher,
                                                                       len(tokenizer)),
                    stream=stream, valid_blocks=None, config=config, run_dir=run_dir,
                    run_id=run_id, resume=resume, progress=progress, description="sft",
                    evaluate_fn=make_evaluate_fn(chat.valid_rows, config.batch_size, pad_id,
-                                                session.device))
+                                                session.device),
+                   throughput=throughput)
+    # real tokens (padding excluded): the manifest's MFU counts only useful model FLOPs
+    tokens_per_s = (stream.tokens_served - stream.resumed_tokens) / max(result.seconds, 1e-9)
 
     def write_extra(tmp: Path) -> dict[str, Any]:
         copy_tokenizer_files(source, tmp)
@@ -229,8 +237,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
             metrics={**result.metrics, "steps": result.steps,
                      "tokens": stream.tokens_served,  # real tokens, padding excluded
                      "world_size": session.world_size, "precision": session.precision,
-                     "tokens_per_s": (stream.tokens_served - stream.resumed_tokens)
-                     / max(result.seconds, 1e-9)},
+                     "tokens_per_s": tokens_per_s, **throughput.summary(tokens_per_s)},
             wall_time_s=result.seconds)
 
     return save_final_model(session, result.model, output, force, run_dir, write_extra)

@@ -17,6 +17,21 @@ KD_LOSSES = ("fkl", "rkl", "jsd", "topk")
 TOPK_MODES = ("renorm", "tail")
 
 
+PEAK_HELP = ("Peak TFLOP/s that MFU (model FLOPs utilisation) is reported against; default: "
+             "a listed GPU's bf16 peak, else a short matmul benchmark at the model's shapes in "
+             "the run's precision, measured once per machine and cached.")
+
+
+def peak_option():
+    """--peak-tflops, the same option on distill, sft, score and eval (changes no result)."""
+    return option(None, PEAK_HELP, kind="float", hashed=False)
+
+
+def check_peak(peak_tflops: float | None) -> None:
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise OptionError("peak_tflops", f"--peak-tflops must be positive, got {peak_tflops}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, schedule and checkpointing of a run (MiniMA's defaults where they apply)."""
@@ -47,6 +62,7 @@ class TrainConfig:
                                    hashed=False, source="hardware")
     tensorboard: bool = option(True, "TensorBoard scalars next to log.jsonl.",
                                flags=("--tensorboard/--no-tensorboard",), hashed=False)
+    peak_tflops: float | None = peak_option()
 
     def check(self) -> None:
         if self.seq_len is not None and self.seq_len < 2:  # sft's None: the model's positions
@@ -74,6 +90,7 @@ class TrainConfig:
                               "--min-lr-ratio in [0, 1]")
         if self.keep_last < 1:
             raise OptionError("keep_last", f"--keep-last must be at least 1, got {self.keep_last}")
+        check_peak(self.peak_tflops)
 
     def total_steps(self, world_size: int = 1) -> int:
         return self.max_steps

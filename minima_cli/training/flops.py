@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ def forward_flops_per_token(shape: ModelShape, context: int) -> int:
     """FLOPs of one token's forward pass with `context` tokens attended to."""
     attention = 4 * shape.layers * context * shape.heads * shape.head_dim
     return 2 * matmul_parameters(shape) + attention
+
+
+def score_flops_per_token(shape: ModelShape, context: int, method: str) -> int:
+    """`minima score`: activation scores are a forward; gradient scores add a backward to the
+    activations only (the weights are frozen: one matmul per forward matmul), 2x the forward."""
+    return (2 if method == "grad" else 1) * forward_flops_per_token(shape, context)
 
 
 def train_flops_per_token(shape: ModelShape, context: int) -> int:
@@ -119,7 +126,10 @@ def cpu_model() -> str:
 
 
 def cached_peak(key: str, measure: Any, cache: Path | None = None) -> float:
-    """The peak for `key` from the per-machine cache, else `measure()` stored there."""
+    """The peak for `key` from the per-machine cache ($MINIMA_PEAK_CACHE, else
+    ~/.cache/minima/matmul_peaks.json), else `measure()` stored there."""
+    if cache is None and os.environ.get("MINIMA_PEAK_CACHE"):
+        cache = Path(os.environ["MINIMA_PEAK_CACHE"])
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
         "minima" / "matmul_peaks.json"
     try:
@@ -137,3 +147,53 @@ def cached_peak(key: str, measure: Any, cache: Path | None = None) -> float:
     except OSError:
         pass  # a read-only home: measure again next time
     return value
+
+
+# Rows a peak is measured at: enough to fill the matmul units, few enough that the lm_head's
+# matmul of a large vocabulary takes a fraction of a second (the measurement runs once per
+# machine, precision and shape, before the first step).
+PEAK_ROWS = 1024
+
+
+def resolve_peak(peak_tflops: float | None, device: Any, precision: str,
+                 shapes: list[ModelShape], tokens: int) -> tuple[float, str]:
+    """The peak FLOP/s of one device that MFU is measured against, and where it came from:
+    `given` (--peak-tflops), `listed` (a known GPU, KNOWN_GPU_PEAKS), or `measured` (matmuls at
+    the models' shapes, `tokens` rows, in `precision`: "bf16"/"bfloat16", "fp16"/"float16",
+    else fp32; cached per machine by cached_peak)."""
+    if peak_tflops is not None:
+        return float(peak_tflops) * 1e12, "given"
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        listed = known_gpu_peak(torch.cuda.get_device_name(device))
+        if listed is not None:
+            return listed, "listed"
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16}.get(precision, torch.float32)
+    rows = max(1, min(tokens, PEAK_ROWS))
+    wanted = sorted({mkn for shape in shapes for mkn in matmul_shapes(shape, rows)})
+    key = peak_cache_key(str(device), str(dtype).removeprefix("torch."), torch.get_num_threads(),
+                         [list(mkn) for mkn in wanted])
+    return cached_peak(key, lambda: measure_matmul_peak(wanted, dtype, device)), "measured"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a run's model FLOPs are measured by: FLOPs per token and the peak (FLOP/s)."""
+
+    flops_per_token: float
+    peak: float
+    peak_source: str
+
+    def figures(self, tokens_per_second: float) -> dict[str, float]:
+        """flops_per_token, the achieved TFLOP/s and the MFU at `tokens_per_second`."""
+        achieved = self.flops_per_token * tokens_per_second
+        return {"flops_per_token": self.flops_per_token, "tflops": achieved / 1e12,
+                "mfu": utilisation(self.flops_per_token, tokens_per_second, self.peak)}
+
+    def summary(self, tokens_per_second: float) -> dict[str, Any]:
+        """The manifest's figures: those of `figures` plus the peak and its source."""
+        return {**self.figures(tokens_per_second), "peak_tflops": self.peak / 1e12,
+                "peak_source": self.peak_source}

@@ -39,6 +39,7 @@ from minima_cli.fsutil import check_output, fsync_tree
 from minima_cli.progress import step_progress
 from minima_cli.runtime import rank_and_world
 from minima_cli.training.config import PRECISIONS, TrainConfig
+from minima_cli.training.flops import Throughput, distill_flops_per_token, resolve_peak
 from minima_cli.training.state import (
     STATE_FILE,
     adamw,
@@ -358,6 +359,18 @@ def load_teacher(source: Any, session) -> torch.nn.Module:
     return session.prepare_teacher(teacher)
 
 
+def training_throughput(session, config: TrainConfig, student: Any,
+                        teacher: Any | None = None) -> Throughput:
+    """FLOPs per token of a training step (the student's forward and backward, plus the
+    teacher's forward when one runs; ModelShapes) and the peak of all the run's devices: what
+    `train` reports MFU against."""
+    flops = distill_flops_per_token(student, teacher, config.seq_len)
+    shapes = [student] + ([teacher] if teacher is not None else [])
+    peak, source = resolve_peak(config.peak_tflops, session.device, session.precision, shapes,
+                                config.batch_size * config.seq_len)
+    return Throughput(flops, peak * session.world_size, source)
+
+
 def open_session(config: TrainConfig) -> LocalSession | AccelerateSession:
     if config.deepspeed or rank_and_world()[1] > 1:
         return AccelerateSession(config)
@@ -512,13 +525,15 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
           valid_blocks: torch.Tensor | None, config: TrainConfig, run_dir: Path,
           run_id: dict[str, Any], resume: bool, progress: bool = True,
           description: str = "train",
-          evaluate_fn: Callable[[torch.nn.Module], float] | None = None) -> TrainResult:
+          evaluate_fn: Callable[[torch.nn.Module], float] | None = None,
+          throughput: Throughput | None = None) -> TrainResult:
     """Run the loop on an unprepared `model` (the session wraps it); see the module doc.
 
     `stream` yields batches (a tensor, or a dict/tuple of tensors that `loss_fn` understands) and
     has `state_dict()` / `load_state_dict()`; the validation loss is `evaluate_fn(model)` or, by
     default, the mean next-token loss over `valid_blocks`. Each step counts
-    `config.tokens_per_step` tokens."""
+    `config.tokens_per_step` tokens. With `throughput` (training_throughput) every log record
+    and the progress bar carry the step's model FLOPs per token, TFLOP/s and MFU."""
     if evaluate_fn is None:
         def evaluate_fn(model: torch.nn.Module) -> float:
             return evaluate_loss(model, valid_blocks.to(session.device), config.batch_size)
@@ -547,11 +562,12 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
     tokens_per_step = config.tokens_per_step(session.world_size)
     bf16 = session.precision == "bf16"
     metrics: dict[str, Any] = {}
+    bar_fields = {"loss": float("nan"), **({"mfu": float("nan")} if throughput else {})}
     start = time.perf_counter()
     done = first_step
     try:
         with step_progress(description, total_steps, enabled=progress and session.is_main,
-                           loss=float("nan")) as bar:
+                           **bar_fields) as bar:
             for step in range(first_step, total_steps):
                 done = step + 1
                 step_start = time.perf_counter()
@@ -562,6 +578,8 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                                        grad_accum=config.grad_accum, lr=lr, clip=config.clip)
                 record = {"step": done, "lr": lr, **stats.means, "grad_norm": stats.grad_norm,
                           "step_s": time.perf_counter() - step_start}
+                if throughput is not None:
+                    record.update(throughput.figures(tokens_per_step / record["step_s"]))
                 if done % config.eval_every == 0 or done == total_steps:
                     with autocast(session, bf16):
                         record["valid_loss"] = evaluate_fn(model)
@@ -571,7 +589,7 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                     metrics.update(valid_loss=record["valid_loss"],
                                    valid_perplexity=record["valid_perplexity"])
                 log.write(record)
-                bar.update(tokens_per_step, loss=record["loss"])
+                bar.update(tokens_per_step, **{key: record[key] for key in bar_fields})
                 if done % config.save_every == 0 and done < total_steps:
                     # a finite loss does not make the updated weights finite: a checkpoint is
                     # only written of weights a resumed run can use

@@ -89,34 +89,37 @@ def test_llama_cpp_runs_the_export_like_the_checkpoint(tiny_world, tmp_path):
     assert result["chat_template"] == CHATML
 
 
-def test_llama_cpp_runs_the_smollm2_student(tmp_path):
-    """The pruned SmolLM2 student (score + prune, small batches) as q8_0 in llama.cpp."""
+def test_llama_cpp_runs_the_smollm2_teacher_export(tmp_path):
+    """The SmolLM2 teacher (its Q4_1 GGUF dequantised by minima's loader) exported as f16 and
+    q8_0, in llama.cpp against transformers on the same file. f16: within 2e-2 of the largest
+    |logit| (measured 2.8e-3) and the same top-1 everywhere. q8_0: llama.cpp's quantised matmuls
+    quantise the activations to 8 bits, so its logits move by about as much as they do on the
+    original Q4_1 file that llama.cpp's own tools made (measured: mean |diff| 0.30 vs 0.30,
+    max 3.9 vs 3.0, top-1 agreement 0.96 on both, logits up to 38); the test holds q8_0 to 1.5x
+    the original file's mean difference and 0.9 top-1 agreement."""
     interpreter()
     from test_smollm2 import REPO, smollm2_gguf
 
-    from minima_cli.stages.prune import run_prune
-    from minima_cli.stages.score import run_score
-
     gguf = smollm2_gguf()
-    real = tmp_path / "real.txt"
-    real.write_text((REPO / "LICENSE").read_text())
-    run_score(model_path=str(gguf), data=str(real), output=tmp_path / "scores", batches=2,
-              seq_len=128, batch_size=2, progress=False)
-    run_prune(model_path=str(gguf), output=tmp_path / "student",
-              scores_path=str(tmp_path / "scores"), ratio=0.5, progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ids = tokenizer((REPO / "LICENSE").read_text()).input_ids[:48]
-    figures = {}
-    for kind in ("f16", "q8_0"):
-        path = tmp_path / f"student-{kind}.gguf"
-        run_export(model_path=str(tmp_path / "student"), output=path, encoding=kind,
-                   progress=False)
+
+    def compare(path: Path) -> tuple[float, float, float]:
         runtime = torch.tensor(llama_cpp(path, ids)["logits"])
-        same_file = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+        same_file = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                         dtype=torch.float32).eval()
         with torch.no_grad():
             reference = same_file(torch.tensor([ids])).logits[0]
-        relative = (runtime - reference).abs().max().item() / reference.abs().max().item()
-        figures[kind] = relative
+        diff = (runtime - reference).abs()
         agree = (runtime.argmax(-1) == reference.argmax(-1)).float().mean().item()
-        assert relative < 2e-2 and agree > 0.9, (kind, relative, agree)
-    print({k: f"vs same file {v:.2e}" for k, v in figures.items()})
+        return diff.max().item() / reference.abs().max().item(), diff.mean().item(), agree
+
+    figures = {"original Q4_1": compare(gguf)}
+    for kind in ("f16", "q8_0"):
+        path = tmp_path / f"teacher-{kind}.gguf"
+        run_export(model_path=str(gguf), output=path, encoding=kind, progress=False)
+        figures[kind] = compare(path)
+    print({k: f"max {r:.2e} of max |logit|, mean {m:.3f}, top-1 {a:.2f}"
+           for k, (r, m, a) in figures.items()})
+    assert figures["f16"][0] < 2e-2 and figures["f16"][2] == 1.0
+    assert figures["q8_0"][1] < 1.5 * figures["original Q4_1"][1] and figures["q8_0"][2] > 0.9

@@ -170,7 +170,7 @@ def test_store_blocks_equal_in_memory_packing(tmp_path: Path, corpus: list[str],
         raw = prepare_data(str(txt), tokenizer, seq_len=SEQ, seed=3, **kw)
         mapped = prepare_data(str(store.path), tokenizer, seq_len=SEQ, seed=3, **kw)
         assert isinstance(mapped.train[0], StoreBlocks)
-        assert torch.equal(mapped.train[0][:], raw.train[0]) and torch.equal(mapped.valid,
+        assert torch.equal(mapped.train[0][:], raw.train[0][:]) and torch.equal(mapped.valid,
                                                                               raw.valid)
 
 
@@ -288,3 +288,20 @@ def test_tokenize_cli_and_bad_inputs(tmp_path: Path, corpus: list[str], tok_dir:
 def test_raw_sources_unchanged_by_source_kind() -> None:
     # A DataSource of a store and of text parse alike; the store is recognised by its manifest.
     assert parse_sources("some/dir:0.5") == [DataSource("some/dir", 0.5)]
+
+
+def test_dry_run_lines_for_a_store_a_raw_source_and_a_hub_name(
+        tmp_path: Path, corpus: list[str], tokenizer: Any, tok_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from minima_cli.data.store import describe_source, measured_rate, record_rate
+
+    monkeypatch.setenv("MINIMA_RATE_CACHE", str(tmp_path / "rates.json"))
+    txt = write_txt(tmp_path / "a.txt", corpus)
+    store = build(str(txt), tokenizer, tok_dir, tmp_path / "s")
+    line = describe_source(DataSource(str(store.path)))
+    assert "token store" in line and "GB on disk" in line and "tokens" in line
+    assert "no tokenisation rate measured" in describe_source(DataSource(str(txt)))
+    record_rate(4_000_000, 2.0, 2)  # 1M chars/s per worker, kept per machine
+    assert measured_rate() == pytest.approx(1e6)
+    assert "about 1 s at the 1 M chars/s measured here" in describe_source(DataSource(str(txt)))
+    assert "hub dataset" in describe_source(DataSource("someone/corpus"))

@@ -1,5 +1,6 @@
-"""Tests for the training-data side of minima_cli.data: sources, the token cache, the validation
-split, packing, weighted mixing and the exactly resumable `MixedBlockStream`."""
+"""Tests for the training-data side of minima_cli.data: sources, the run's token cache (raw text
+tokenised into a store), the validation split, packing, weighted mixing and the exactly
+resumable `MixedBlockStream`."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 
+import minima_cli.data.store as store_module
 import minima_cli.data.tokenize as data
 from minima_cli.data.pack import pack_documents, pack_tokens, split_documents
-from minima_cli.data.sources import DataSource, parse_sources, tokenizer_fingerprint
+from minima_cli.data.read import read_documents
+from minima_cli.data.sources import (
+    DataSource,
+    parse_sources,
+    source_fingerprint,
+    tokenizer_fingerprint,
+)
+from minima_cli.data.store import StoreBlocks, is_store, source_store
 from minima_cli.data.streams import MixedBlockStream, prepare_data, shuffle_order
 from minima_cli.data.tiny_corpus import make_corpus
-from minima_cli.data.tokenize import TokenizedSource, tokenize_documents, tokenize_source
+from minima_cli.data.tokenize import TokenizedSource, tokenize_documents
 from minima_cli.errors import MinimaError
 from minima_cli.stages.tiny import train_tokenizer
 
@@ -116,25 +124,38 @@ def test_parse_sources_errors(spec: Any, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
-# --- the token cache -------------------------------------------------------------------------
+# --- the run's token cache (raw sources -> a store, data/store.py: source_store) ------------
+
+
+def reference_blocks(tokenizer: Any, path: Path, train_docs: np.ndarray | None = None
+                     ) -> torch.Tensor:
+    """The blocks the in-memory path (read_documents -> flat tokens -> pack) made."""
+    flat = TokenizedSource.of(tokenize_documents(tokenizer, read_documents(str(path))))
+    docs = np.arange(flat.n_documents) if train_docs is None else train_docs
+    return pack_tokens(flat, docs, SEQ, tokenizer.eos_token_id).long()
+
+
+def cache_entries(cache: Path) -> list[str]:
+    return sorted(p.name.split("-")[0] + ("" if is_store(p) else "?") for p in cache.iterdir())
 
 
 def test_cache_miss_then_hit_without_tokenizing(
     tmp_path: Path, corpus: list[str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = DataSource(str(write_txt(tmp_path / "a.txt", corpus)))
+    path = write_txt(tmp_path / "a.txt", corpus)
     calls = count_tokenizer_calls(monkeypatch)
-    first = tokenize_source(source, tokenizer, tmp_path / "cache")
+    first = prepare_data(str(path), tokenizer, seq_len=SEQ, cache_dir=tmp_path / "cache")
     assert sum(calls) == len(corpus)
-    files = list((tmp_path / "cache").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".safetensors"  # no temp file left beside it
+    assert cache_entries(tmp_path / "cache") == ["store"]  # a whole store, no build left over
+    assert isinstance(first.train[0], StoreBlocks)
     calls.clear()
-    second = tokenize_source(source, tokenizer, tmp_path / "cache")
+    second = prepare_data(str(path), tokenizer, seq_len=SEQ, cache_dir=tmp_path / "cache")
     assert calls == []
-    assert np.array_equal(first.tokens, second.tokens)
-    assert np.array_equal(first.offsets, second.offsets)
-    assert second.tokens.dtype == np.int32 and second.offsets.dtype == np.int64
-    assert [second.document(i) for i in range(3)] == tokenize_documents(tokenizer, corpus[:3])
+    assert torch.equal(second.train[0][:], first.train[0][:])
+    assert torch.equal(first.train[0][:].long(), reference_blocks(tokenizer, path))
+    # without a cache: a temporary store that lives as long as the data
+    nocache = prepare_data(str(path), tokenizer, seq_len=SEQ)
+    assert torch.equal(nocache.train[0][:], first.train[0][:])
 
 
 def test_cache_invalidated_by_content_field_and_tokenizer(
@@ -143,17 +164,23 @@ def test_cache_invalidated_by_content_field_and_tokenizer(
     cache = tmp_path / "cache"
     path = write_jsonl(tmp_path / "a.jsonl", corpus[:50])
     calls = count_tokenizer_calls(monkeypatch)
-    tokenize_source(DataSource(str(path)), tokenizer, cache)
+
+    def documents(text_field: str = "text", tok: Any = tokenizer) -> int:
+        source = DataSource(str(path), text_field=text_field)
+        store = source_store(source, tok, cache, content=source_fingerprint(source),
+                             tokenizer_fp=tokenizer_fingerprint(tok))
+        return len(store)
+
+    documents()
     write_jsonl(path, corpus[:49])  # same path, new content
-    assert tokenize_source(DataSource(str(path)), tokenizer, cache).n_documents == 49
+    assert documents() == 49
     path.write_text("".join(json.dumps({"text": d, "t2": d[:5]}) + "\n" for d in corpus[:49]))
-    short = tokenize_source(DataSource(str(path), text_field="t2"), tokenizer, cache)
-    assert short.document(0) == tokenize_documents(tokenizer, [corpus[0][:5]])[0]
+    documents("t2")
     other = train_tokenizer(corpus, vocab_size=280)
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer)
-    tokenize_source(DataSource(str(path), text_field="t2"), other, cache)
+    documents("t2", other)
     assert len(calls) == 4  # every change was a miss
-    assert len(list(cache.iterdir())) == 4
+    assert cache_entries(cache) == ["store"] * 4
 
 
 def test_runtime_truncation_changes_neither_tokens_nor_fingerprint(
@@ -167,28 +194,52 @@ def test_runtime_truncation_changes_neither_tokens_nor_fingerprint(
     assert min(len(doc) for doc in after[1]) > 3
 
 
-def test_cache_write_is_atomic(
+def test_killed_cache_build_leaves_no_store_and_damage_is_rebuilt(
     tmp_path: Path, corpus: list[str], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = DataSource(str(write_txt(tmp_path / "a.txt", corpus[:30])))
+    path = write_txt(tmp_path / "a.txt", corpus[:30])
     cache = tmp_path / "cache"
 
-    def crash_midway(arrays: dict, filename: str, metadata: dict) -> None:
-        Path(filename).write_bytes(b"partial")
-        raise RuntimeError("killed while writing")
+    def killed(*args: Any) -> Any:
+        raise RuntimeError("killed while tokenising")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", crash_midway)
+    monkeypatch.setattr(store_module, "encode_chunk", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        tokenize_source(source, tokenizer, cache)
-    assert list(cache.iterdir()) == []
+        prepare_data(str(path), tokenizer, seq_len=SEQ, cache_dir=cache)
+    assert cache_entries(cache) == ["store?"]  # only the build directory, never a store
     monkeypatch.undo()
-    good = tokenize_source(source, tokenizer, cache)
-    # A damaged entry (written by something else) is a miss and is rewritten, never trusted.
+    good = prepare_data(str(path), tokenizer, seq_len=SEQ, cache_dir=cache).train[0][:]
+    assert cache_entries(cache) == ["store"]
+    # A damaged entry (a truncated shard) is a miss and is rebuilt, never trusted.
     (entry,) = cache.iterdir()
-    entry.write_bytes(entry.read_bytes()[:-7])
+    shard = entry / "tokens-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
     calls = count_tokenizer_calls(monkeypatch)
-    assert np.array_equal(tokenize_source(source, tokenizer, cache).tokens, good.tokens)
-    assert calls and len(list(cache.iterdir())) == 1
+    again = prepare_data(str(path), tokenizer, seq_len=SEQ, cache_dir=cache).train[0][:]
+    assert calls and torch.equal(again, good) and cache_entries(cache) == ["store"]
+
+
+def test_cached_store_serves_the_in_memory_blocks_for_every_format(
+    tmp_path: Path, corpus: list[str], tokenizer: Any
+) -> None:
+    # What read_documents accepts is read alike (a columnar .json, CRLF and blank lines,
+    # parquet with nulls, a directory), so raw runs keep their blocks, split and fingerprint.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(("\r\n".join(corpus[:40]) + "\r\n\r\n  \n").encode())
+    (folder / "b.json").write_text(json.dumps({"text": corpus[40:60] + ["  "]}))
+    pq.write_table(pa.table({"text": [*corpus[60:80], None]}), folder / "c.parquet")
+    (folder / "notes.arrow").write_bytes(b"not read: not a data file of read_documents")
+    for source in (folder, folder / "b.json"):
+        prepared = prepare_data(str(source), tokenizer, seq_len=SEQ, seed=1, valid_documents=3,
+                                cache_dir=tmp_path / "cache")
+        n = len(read_documents(str(source)))
+        train, _ = split_documents(n, seed=1, valid_documents=3)
+        assert torch.equal(prepared.train[0][:].long(),
+                           reference_blocks(tokenizer, source, train)), source
 
 
 # --- packing and the validation split --------------------------------------------------------
@@ -244,7 +295,7 @@ def test_prepare_data_holds_out_documents(
         ids = tokenize_documents(tokenizer, docs)
         train, valid = split_documents(len(docs), seed=2, source_index=i, valid_documents=6)
         expected = pack_documents([ids[j] for j in train], SEQ, eos)
-        assert torch.equal(prepared.train[i].long(), expected)
+        assert torch.equal(prepared.train[i][:].long(), expected)
         train_ids += [ids[j] for j in train]
         valid_ids += [ids[j] for j in valid]
     assert torch.equal(prepared.valid, pack_documents(valid_ids, SEQ, eos))

@@ -8,6 +8,7 @@ import json
 import torch
 from conftest import distill_args, run_cli, save_model, tiny_random_model
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from minima_cli.cli.app import main
 
@@ -115,6 +116,16 @@ def test_offline_teacher_cache_trains_like_the_online_top_k(tiny_world, pruned, 
     actual = load_file(offline / "model.safetensors")
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
+    # model FLOPs: the cached teacher runs no forward, the online one does
+    from minima_cli.model.arch import shape_from_config
+    from minima_cli.training.flops import forward_flops_per_token, train_flops_per_token
+
+    shapes = {name: shape_from_config(AutoConfig.from_pretrained(path)) for name, path in
+              (("student", pruned), ("teacher", tiny_world / "teacher"))}
+    flops = {name: json.loads((path / "minima.json").read_text())["metrics"]["flops_per_token"]
+             for name, path in (("online", online), ("offline", offline))}
+    assert flops["offline"] == train_flops_per_token(shapes["student"], 32)
+    assert flops["online"] == flops["offline"] + forward_flops_per_token(shapes["teacher"], 32)
     # a cache is tied to its data: another seed means another validation split and block order
     code = main([*args, *topk, "--teacher-cache", str(cache), "--seed", "3", "--force"])
     assert code == 2
