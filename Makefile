@@ -86,7 +86,7 @@ runs/smollm2/text/train.jsonl: | $(VENV)/.installed
 smollm2: runs/smollm2/text/train.jsonl
 	$(MAKE) pipeline RECIPE=recipes/smollm2.yaml
 
-# speed and memory ratios against a baseline measured in the same run (~15 minutes, 2 cores)
+# speed and memory ratios against a baseline measured in the same run (about an hour on 2 cores)
 bench: venv
 	$(PY) bench/score.py
 	$(PY) bench/prune.py
@@ -94,6 +94,7 @@ bench: venv
 	$(PY) bench/kd_loss_memory.py
 	$(PY) bench/adamw.py
 	$(PY) bench/distill.py
+	$(PY) bench/export.py --cache runs/bench/smollm2-bf16
 	$(PY) bench/mfu.py
 	$(PY) bench/data_scale.py
 

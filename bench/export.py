@@ -43,8 +43,12 @@ if kind != "baseline":
     run_export(model_path=model, output=Path(output), encoding=kind, force=True,
                progress=False)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds,
-                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+# VmHWM: this process image's own peak (ru_maxrss would carry the forking parent's over exec)
+hwm = [line for line in Path("/proc/self/status").read_text().splitlines()
+       if line.startswith("VmHWM:")]
+peak = int(hwm[0].split()[1]) * 1024 if hwm else \
+    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "maxrss": peak}))
 """
 
 

@@ -1,6 +1,12 @@
 """The levers of issue 16, each against minima's step as it is, on the SmolLM2 pair of
-bench/mfu.py (batch 2 x 256, bf16 autocast by default), interleaved rounds, median per-round
-ratios.
+bench/mfu.py (batch 2 x 256, bf16 autocast by default): every variant's models built once and
+warmed up, then rounds of one step of each variant in a rotated order on the same batch; the
+median over rounds of each variant's step time over minima's in the same round.
+
+Why steps and not whole runs are interleaved, and why 1 thread by default: on a CPU shared with
+other processes, torch at all cores (OpenMP spinning barriers wait on descheduled threads) gave
+step times several times apart from one step to the next, so variants run one after the other,
+minutes apart, compared the load of other processes, not the variants (README, "MFU").
 
 Variants of one distillation step (teacher forward, student forward, forward-KL loss, backward,
 clip, fused AdamW):
@@ -12,15 +18,16 @@ clip, fused AdamW):
 - `fused-linear`: the student's final hidden states and lm_head weight to
   `losses.fused_linear_distillation_loss` (the `[tokens, vocab]` student logits never built).
 - `compiled`: the student (and teacher) through torch.compile (inductor); compile time is
-  reported apart, steps after the first --warmup-steps.
+  reported apart (the warm-up column), steps after the first --warmup-steps.
 
-    .venv/bin/python bench/mfu_levers.py --repeats 3
+    .venv/bin/python bench/mfu_levers.py --rounds 8
+    .venv/bin/python bench/mfu_levers.py --variants minima compiled --rounds 4
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -43,76 +50,112 @@ from minima_cli.losses import (  # noqa: E402
 from minima_cli.training.loop import cpu_has_bf16  # noqa: E402
 from minima_cli.training.state import adamw, clip_gradients  # noqa: E402
 
+VARIANTS = ("minima", "teacher-fp32", "inference-mode", "fused-linear", "compiled")
 
-def run_variant(name: str, paths, blocks, args) -> tuple[float, float]:
-    """(seconds per step after warm-up, seconds of the warm-up steps) of one variant."""
-    teacher, student = base.load_pair(paths)
-    bf16 = args.precision == "bf16"
-    if bf16 and name != "teacher-fp32":
-        teacher = teacher.to(torch.bfloat16)
-    if name == "compiled":
-        student = torch.compile(student)
-        teacher = torch.compile(teacher)
-    optimizer = adamw([{"params": list(student.parameters())}], base.LR)
-    no_grad = torch.inference_mode if name == "inference-mode" else torch.no_grad
-    vocab = student.config.vocab_size
-    times = []
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with amp:
-        for batch in base.batches(blocks, args):
-            start = time.perf_counter()
+
+class Variant:
+    """One variant's models, optimizer and step; `step(batch)` returns its seconds."""
+
+    def __init__(self, name: str, paths, teachers: dict, args) -> None:
+        self.name = name
+        bf16 = args.precision == "bf16"
+        # the frozen teacher is shared by the variants that run it alike (memory)
+        key = "fp32" if name == "teacher-fp32" or not bf16 else "bf16"
+        if key not in teachers:
+            teacher, _ = base.load_pair(paths)
+            teachers[key] = teacher.to(torch.bfloat16) if key == "bf16" else teacher
+        teacher = teachers[key]
+        student = base.load_pair(paths)[1]
+        self.params = list(student.parameters())
+        self.vocab = student.config.vocab_size
+        self.head = student.lm_head.weight
+        self.student, self.body, self.teacher = student, student.model, teacher
+        if name == "compiled":
+            self.student, self.teacher = torch.compile(student), torch.compile(teacher)
+        self.optimizer = adamw([{"params": self.params}], base.LR)
+        self.no_grad = torch.inference_mode if name == "inference-mode" else torch.no_grad
+        self.amp = base.autocast(args.precision)
+
+    def step(self, batch: torch.Tensor) -> float:
+        start = time.perf_counter()
+        with self.amp:
             labels = next_token_labels(batch)
-            with no_grad():
-                target = teacher(input_ids=batch, use_cache=False).logits
-            if name == "fused-linear":
-                hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state
+            with self.no_grad():
+                target = self.teacher(input_ids=batch, use_cache=False).logits
+            if self.name == "inference-mode":
+                target = target.clone()  # an inference tensor cannot be saved for backward
+            if self.name == "fused-linear":
+                hidden = self.body(input_ids=batch, use_cache=False).last_hidden_state
                 loss, _ = fused_linear_distillation_loss(
-                    hidden, student.lm_head.weight, target, labels, alpha=0.0, vocab_size=vocab)
+                    hidden, self.head, target, labels, alpha=0.0, vocab_size=self.vocab)
             else:
-                logits = student(input_ids=batch, use_cache=False).logits
-                loss, _ = distillation_loss(logits, target.clone() if name == "inference-mode"
-                                            else target, labels, alpha=0.0, vocab_size=vocab)
-            loss.backward()
-            clip_gradients(list(student.parameters()), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-    skip = args.warmup_steps
-    return statistics.mean(times[skip:]), sum(times[:skip])
+                logits = self.student(input_ids=batch, use_cache=False).logits
+                loss, _ = distillation_loss(logits, target, labels, alpha=0.0,
+                                            vocab_size=self.vocab)
+        loss.backward()
+        clip_gradients(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+
+def step_rounds(variants: list[Variant], blocks: torch.Tensor, args
+                ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Warm every variant up (its first steps: compilation, oneDNN kernel creation), then
+    --rounds rounds of one step of each variant in a rotated order, on the same batch: a load
+    change on a shared machine hits every variant within seconds of each other. Returns each
+    variant's per-round step seconds and its warm-up seconds."""
+    stream = base.batches(blocks, argparse.Namespace(
+        steps=args.warmup_steps + args.rounds, batch_size=args.batch_size))
+    batches = list(stream)
+    warmup = {}
+    for variant in variants:
+        warmup[variant.name] = sum(variant.step(b) for b in batches[:args.warmup_steps])
+        print(f"  {variant.name}: warm-up {warmup[variant.name]:.1f} s", flush=True)
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for index, batch in enumerate(batches[args.warmup_steps:]):
+        shift = index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            times[variant.name].append(variant.step(batch))
+    return times, warmup
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8, help="timed steps of each variant")
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: all cores on a shared CPU make "
+                        "OpenMP's spinning barriers wait on descheduled threads)")
     parser.add_argument("--precision", choices=("fp32", "bf16"),
                         default="bf16" if cpu_has_bf16() else "fp32")
     parser.add_argument("--text-chars", type=int, default=50_000)
     parser.add_argument("--valid-fraction", type=float, default=0.02)
-    parser.add_argument("--variants", nargs="+",
-                        default=["minima", "teacher-fp32", "inference-mode", "fused-linear",
-                                 "compiled"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                        default=["minima", "teacher-fp32", "inference-mode", "fused-linear"])
     args = parser.parse_args()
+    names = ["minima"] + [n for n in args.variants if n != "minima"]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-levers-") as tmp:
         paths = build_smollm2(Path(tmp), args)
         blocks = base.train_blocks(paths, args)
+        teachers: dict = {}
+        variants = [Variant(name, paths, teachers, args) for name in names]
         print(f"SmolLM2 pair, batch {args.batch_size} x {args.seq_len}, {args.precision}, "
-              f"{torch.get_num_threads()} threads; attention: "
-              f"{base.load_pair(paths)[1].config._attn_implementation}", flush=True)
-        sides = {name: (lambda name=name: run_variant(name, paths, blocks, args))
-                 for name in args.variants}
-        results = base.interleaved(sides, args.repeats)
-    baseline = [s for s, _ in results["minima"]]
-    print(f"\n{'variant':<16}{'s/step':>8}{'vs minima':>11}{'warm-up s':>11}   rounds")
-    for name, rounds in results.items():
-        steps = [s for s, _ in rounds]
+              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
+              f"attention: {variants[0].student.config._attn_implementation}", flush=True)
+        times, warmup = step_rounds(variants, blocks, args)
+    baseline = times["minima"]
+    print(f"\n{'variant':<16}{'s/step':>8}{'vs minima':>11}{'warm-up s':>11}   steps (s)")
+    for name, steps in times.items():
         print(f"{name:<16}{statistics.median(steps):>8.3f}"
-              f"{base.paired(steps, baseline):>10.3f}x"
-              f"{statistics.median(w for _, w in rounds):>11.1f}   "
-              + " ".join(f"{s:.3f}" for s in steps))
+              f"{base.paired(steps, baseline):>10.3f}x{warmup[name]:>11.1f}   "
+              + " ".join(f"{s:.2f}" for s in steps))
+    print(f"(vs minima: median over rounds of the variant's step time / minima's in the same "
+          f"round; load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`minima export`: GGUF files that transformers' GGUF loader reads back to the checkpoint's
 logits (f32 within 1e-4; f16/bf16 equal to the checkpoint with its weights rounded so), the
-quantised ones' perplexity on the tiny world (q8_0 within 1 %, q4_0 within 10 %), the tokenizer
+quantised ones' perplexity on the tiny world (q8_0 within 1 %, q4_0 within 5 %), the tokenizer
 and chat template round trip, the metadata, and the bad inputs (exit 2, one line, nothing
 written). llama.cpp itself reads the files in tests/integration/test_export_llama_cpp.py."""
 
@@ -136,8 +136,9 @@ def teacher_exports(tiny_world, tmp_path_factory):
 
 
 def test_quantised_perplexity_on_the_tiny_world(tiny_world, teacher_exports):
-    """q8_0 within 1 % of the checkpoint's perplexity; q4_0 within 10 % (measured: about +0.1 %
-    and +2 % on the session's tiny world, +0.05 % / +1.6 % on the recipe's)."""
+    """q8_0 within 1 % of the checkpoint's perplexity; q4_0 within 5 % (measured: -0.03 % and
+    -0.06 % on the session's 30-step world, 0.00 % and +0.35 % on the demo's 200-step teacher;
+    its FFN width 176 is not blocks of 32, so ffn_down stays f16 in both)."""
     teacher = AutoModelForCausalLM.from_pretrained(tiny_world / "teacher").eval()
     ids = corpus_ids(tiny_world, AutoTokenizer.from_pretrained(tiny_world / "teacher"))
     base = perplexity(teacher, ids)
@@ -147,7 +148,7 @@ def test_quantised_perplexity_on_the_tiny_world(tiny_world, teacher_exports):
     print({"checkpoint": base, **ppl})
     assert abs(ppl["f32"] / base - 1) < 1e-5
     assert abs(ppl["q8_0"] / base - 1) < 0.01
-    assert abs(ppl["q4_0"] / base - 1) < 0.10
+    assert abs(ppl["q4_0"] / base - 1) < 0.05
 
 
 def test_tokenizer_and_chat_template_round_trip(tiny_world, tmp_path, capsys):
