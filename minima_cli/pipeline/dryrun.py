@@ -20,7 +20,7 @@ from minima_cli.pipeline.recipe import Recipe, stage_config
 from minima_cli.pipeline.run import HASH_FILE, preflight, select_stages, stage_run_dir
 from minima_cli.pipeline.stamps import current_hash, read_stamp
 from minima_cli.pipeline.values import references
-from minima_cli.stages import TRAINING
+from minima_cli.stages import STAGES, TRAINING
 from minima_cli.stages.configs import DEFAULT_SEQ_LEN
 from minima_cli.units import format_count
 
@@ -97,7 +97,9 @@ def stage_summary(recipe: Recipe, stage: str) -> str:
                 f"{o['grad_accum']} x {o['seq_len'] or 'auto'} tokens, lr {o['lr']:g}")
     if stage == "export":
         return f"{o['model']} -> {o['type']} GGUF (llama.cpp)"
-    return f"{len(o['models'])} models x {len(o['tasks'])} tasks"
+    if stage == "eval":
+        return f"{len(o['models'])} models x {len(o['tasks'])} tasks"
+    return STAGES[stage].help.split(".")[0]  # a stage with no summary of its own
 
 
 def dry_run(recipe: Recipe, *, start: str | None = None, stop: str | None = None,
