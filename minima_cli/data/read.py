@@ -196,22 +196,24 @@ def _read_json(path: Path, text_field: str) -> list[str]:
     return _texts(_json_records(path, data), text_field)
 
 
+def record_text(where: str, record: Any, field: str) -> str | None:
+    """The `field` of one record (None for a null value); one line naming `where` when the
+    record is not an object or has no string there."""
+    if not isinstance(record, dict):
+        raise MinimaError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if field not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        raise MinimaError(f"{where}: no field '{field}' (fields present: {fields})")
+    value = record[field]
+    if value is not None and not isinstance(value, str):
+        raise MinimaError(f"{where}: field '{field}' is {type(value).__name__}, not a string")
+    return value
+
+
 def _texts(records: Iterable[tuple[str, Any]], field: str) -> list[str]:
     """The `field` of each (where, record); `None` values count as empty documents."""
-    out = []
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise MinimaError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if field not in record:
-            fields = ", ".join(map(str, record)) or "none"
-            raise MinimaError(f"{where}: no field '{field}' (fields present: {fields})")
-        value = record[field]
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise MinimaError(f"{where}: field '{field}' is {type(value).__name__}, not a string")
-        out.append(value)
-    return out
+    return [value for where, record in records
+            if (value := record_text(where, record, field)) is not None]
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:

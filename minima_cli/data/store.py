@@ -42,6 +42,7 @@ from minima_cli.data.read import (
     data_files,
     looks_like_hub_name,
     read_jsonl,
+    record_text,
     text_lines,
 )
 from minima_cli.data.sources import STORE_MANIFEST, DataSource, source_fingerprint
@@ -405,15 +406,8 @@ def _local_texts(file: Path, field: str) -> Iterator[str | None]:
 
 
 def _record_text(where: str, record: Any, field: str) -> str | None:
-    if not isinstance(record, dict):
-        raise MinimaError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if field not in record:
-        fields = ", ".join(map(str, record)) or "none"
-        raise MinimaError(f"{where}: no field '{field}' (fields present: {fields})")
-    value = record[field]
-    if value is not None and not isinstance(value, str):
-        raise MinimaError(f"{where}: field '{field}' is {type(value).__name__}, not a string")
-    return value if value and value.strip() else None
+    text = record_text(where, record, field)
+    return text if text and text.strip() else None
 
 
 def _parquet_texts(file: Path, field: str) -> Iterator[str | None]:
