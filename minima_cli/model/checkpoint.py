@@ -200,7 +200,7 @@ def load_memory_bytes(config: Any, dtype: torch.dtype | None) -> int:
     """What the weights of `config` take in memory once loaded: parameters x bytes per value
     (the requested dtype, else the config's, else float32)."""
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(config, "dtype", None)  # transformers 5 (torch_dtype is deprecated)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):

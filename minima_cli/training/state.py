@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -182,10 +183,15 @@ def save_training_checkpoint(directory: Path, model: torch.nn.Module,
     return target
 
 
+CHECKPOINT_NAME = re.compile(r"step-\d+")
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints (never the `.tmp-*` of a killed write), oldest first."""
+    """Complete checkpoints, oldest first: `step-<digits>` only, never the `.tmp-*` of a killed
+    write or the `.old-PID` a replacement interrupted by a kill leaves behind."""
     return sorted(p for p in Path(directory).glob("step-*")
-                  if p.is_dir() and ".tmp-" not in p.name and (p / STATE_FILE).is_file())
+                  if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)
+                  and (p / STATE_FILE).is_file())
 
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -92,6 +93,9 @@ def test_keep_last_and_refusal_of_a_foreign_checkpoint(tmp_path):
         save_training_checkpoint(tmp_path, model, optimizer, step, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
     (tmp_path / "step-00000009.tmp-1-x").mkdir()  # a killed write is never picked up
+    # nor the previous copy a replacement killed midway left beside the new one
+    shutil.copytree(tmp_path / "step-00000004", tmp_path / "step-00000004.old-12345")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
     other = tiny_random_model("llama", layers=2)
     with pytest.raises(MinimaError, match="do not match this model"):
         load_training_checkpoint(tmp_path, other,
