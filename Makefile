@@ -97,6 +97,7 @@ bench: venv
 	$(PY) bench/export.py --cache runs/bench/smollm2-bf16
 	$(PY) bench/mfu.py
 	$(PY) bench/data_scale.py
+	$(PY) bench/on_policy.py
 
 # quality at equal budgets: KD vs CE only, sft, MiniDisc, the capacity gap, SmolLM2 (hours)
 bench-quality: venv

@@ -17,8 +17,9 @@ clip, fused AdamW):
 - `inference-mode`: the teacher under torch.inference_mode instead of no_grad.
 - `fused-linear`: the student's final hidden states and lm_head weight to
   `losses.fused_linear_distillation_loss` (the `[tokens, vocab]` student logits never built).
-- `compiled`: the student (and teacher) through torch.compile (inductor); compile time is
-  reported apart (the warm-up column), steps after the first --warmup-steps.
+- `compiled`: `minima distill --compile`: the student's and the teacher's forward compiled in
+  place by torch.compile (inductor, `training.loop.compile_in_place`); compile time is reported
+  apart (the warm-up column), steps after the first --warmup-steps.
 
     .venv/bin/python bench/mfu_levers.py --rounds 8
     .venv/bin/python bench/mfu_levers.py --variants minima compiled --rounds 4
@@ -47,7 +48,7 @@ from minima_cli.losses import (  # noqa: E402
     fused_linear_distillation_loss,
     next_token_labels,
 )
-from minima_cli.training.loop import cpu_has_bf16  # noqa: E402
+from minima_cli.training.loop import compile_in_place, cpu_has_bf16  # noqa: E402
 from minima_cli.training.state import adamw, clip_gradients  # noqa: E402
 
 VARIANTS = ("minima", "teacher-fp32", "inference-mode", "fused-linear", "compiled")
@@ -59,11 +60,15 @@ class Variant:
     def __init__(self, name: str, paths, teachers: dict, args) -> None:
         self.name = name
         bf16 = args.precision == "bf16"
-        # the frozen teacher is shared by the variants that run it alike (memory)
-        key = "fp32" if name == "teacher-fp32" or not bf16 else "bf16"
+        # the frozen teacher is shared by the variants that run it alike (memory); compiling
+        # is in place, so the compiled variant has its own
+        key = ("fp32" if name == "teacher-fp32" or not bf16 else "bf16") + \
+            ("-compiled" if name == "compiled" else "")
         if key not in teachers:
             teacher, _ = base.load_pair(paths)
-            teachers[key] = teacher.to(torch.bfloat16) if key == "bf16" else teacher
+            if key.startswith("bf16"):
+                teacher = teacher.to(torch.bfloat16)
+            teachers[key] = compile_in_place(teacher, name == "compiled")
         teacher = teachers[key]
         student = base.load_pair(paths)[1]
         self.params = list(student.parameters())
@@ -71,7 +76,7 @@ class Variant:
         self.head = student.lm_head.weight
         self.student, self.body, self.teacher = student, student.model, teacher
         if name == "compiled":
-            self.student, self.teacher = torch.compile(student), torch.compile(teacher)
+            self.student = compile_in_place(student)
         self.optimizer = adamw([{"params": self.params}], base.LR)
         self.no_grad = torch.inference_mode if name == "inference-mode" else torch.no_grad
         self.amp = base.autocast(args.precision)

@@ -18,9 +18,19 @@ SPLIT, SHUFFLE, MIX = 1, 2, 3
 CHAT_SPLIT, CHAT_SHUFFLE = 11, 12
 
 
+def index_dtype(n: int) -> np.dtype:
+    """The narrowest dtype that holds every index of `range(n)` among uint32 and int64."""
+    return np.dtype(np.uint32 if n <= 1 << 32 else np.int64)
+
+
 def permutation(n: int, key: Sequence[int]) -> np.ndarray:
-    """The permutation of `range(n)` drawn from the stream `key` (`[seed, TAG, ...]`)."""
-    return np.random.default_rng(list(key)).permutation(n)
+    """The permutation of `range(n)` drawn from the stream `key` (`[seed, TAG, ...]`): the order
+    numpy's `Generator.permutation(n)` draws, which shuffles `arange(n)` in place with swaps that
+    do not depend on the dtype, so shuffling a uint32 `arange` gives the same order at 4 bytes an
+    index instead of 8, with no int64 copy on the way (int64 above 2**32 items)."""
+    order = np.arange(n, dtype=index_dtype(n))
+    np.random.default_rng(list(key)).shuffle(order)
+    return order
 
 
 def split_indices(

@@ -25,16 +25,19 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from minima_cli.data import tokenize as tokenize_module
 from minima_cli.data.read import (
     SUPPORTED_SUFFIXES,
     TEXT_SUFFIXES,
@@ -46,6 +49,7 @@ from minima_cli.data.read import (
     text_lines,
 )
 from minima_cli.data.sources import STORE_MANIFEST, DataSource, source_fingerprint
+from minima_cli.data.tokenize import token_arrays
 from minima_cli.errors import MinimaError, first_line
 from minima_cli.fsutil import atomic_file, fsync_dir
 
@@ -55,7 +59,7 @@ PROGRESS = "progress.json"
 BUILD_SUFFIX = ".tmp-build"
 SHARD_TOKENS = 1 << 26  # 64M tokens (128 MB as uint16) per shard by default
 CHUNK_DOCUMENTS = 512  # documents per tokenisation task
-CHUNK_CHARS = 1 << 21  # ... or this many characters, whichever comes first
+CHUNK_CHARS = 1 << 19  # ... or this many characters (small enough to balance 2+ workers)
 # what a directory scan reads (a .md file only when named: a README beside data is not data)
 SCAN_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".arrow")
 
@@ -171,11 +175,9 @@ class TokenStore:
         maps = self._maps.get(s)
         if maps is None:
             entry = self._shards[s]
-            tokens = np.memmap(self.path / entry["tokens_file"], dtype=self.dtype, mode="r",
-                               shape=(int(entry["tokens"]),)) if entry["tokens"] else \
-                np.zeros(0, self.dtype)
-            offsets = np.memmap(self.path / entry["offsets_file"], dtype=np.int64, mode="r",
-                                shape=(int(entry["documents"]) + 1,))
+            tokens = _mapped(self.path / entry["tokens_file"], self.dtype, int(entry["tokens"]))
+            offsets = _mapped(self.path / entry["offsets_file"], np.dtype(np.int64),
+                              int(entry["documents"]) + 1)
             maps = self._maps[s] = (tokens, offsets)
         return maps
 
@@ -190,6 +192,14 @@ class TokenStore:
         s, j = self._locate(i)
         tokens, offsets = self._shard(s)
         return np.array(tokens[offsets[j]:offsets[j + 1]])
+
+    def document_part(self, i: int, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of document i (clipped to its length): a view of the map, so only
+        the pages of that range are read."""
+        s, j = self._locate(i)
+        tokens, offsets = self._shard(s)
+        begin, end = int(offsets[j]), int(offsets[j + 1])
+        return tokens[min(begin + start, end):min(begin + stop, end)]
 
     def document_length(self, i: int) -> int:
         s, j = self._locate(i)
@@ -234,6 +244,19 @@ class TokenStore:
         n = int(self._shards[s]["documents"])
         j = bisect.bisect_right(range(n), q, key=lambda k: base + int(offsets[k]) + k) - 1
         return int(self.doc_starts[s]) + j
+
+
+def _mapped(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    """A read-only array over `count` items of the file at `path`, memory-mapped with
+    MADV_RANDOM: training reads blocks at random places, and the kernel's readahead (8 MB on
+    some disks) would otherwise read, and count in the process's RSS, far more than a block."""
+    if count == 0:
+        return np.zeros(0, dtype)
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), count * dtype.itemsize, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype, count=count)
 
 
 class FlatTokens:
@@ -310,12 +333,11 @@ class StoreBlocks:
             if self._is_held(i):
                 i, within = i + 1, 0
                 continue
-            doc = self.store.document(i)
-            if within < len(doc):
-                take = doc[within:within + self.seq_len - filled]
-                out[filled:filled + len(take)] = take
-                filled += len(take)
-            if filled < self.seq_len:
+            # only the part of the document this block holds: a long document is not copied
+            take = self.store.document_part(i, within, within + self.seq_len - filled)
+            out[filled:filled + len(take)] = take
+            filled += len(take)
+            if filled < self.seq_len:  # the document ended inside the block
                 out[filled] = self.eos_id
                 filled += 1
             i, within = i + 1, 0
@@ -492,8 +514,6 @@ def check_source(source: DataSource, suffixes: tuple[str, ...] = SCAN_SUFFIXES) 
 # ---------------------------------------------------------------------------------------------
 # Building
 
-_WORKER_TOKENIZER: Any = None
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -508,24 +528,9 @@ def resolve_tokenizer(path: str | Path) -> Any:
     return resolve_model(directory)
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _WORKER_TOKENIZER
-    from minima_cli.model.checkpoint import load_tokenizer
-
-    _WORKER_TOKENIZER = load_tokenizer(resolve_tokenizer(tokenizer_path))
-
-
-def encode_chunk(texts: list[str], dtype: str, tokenizer: Any = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(flat token ids in `dtype`, int64 lengths) of a chunk of documents."""
-    from minima_cli.data.tokenize import tokenize_documents
-
-    ids = tokenize_documents(tokenizer if tokenizer is not None else _WORKER_TOKENIZER, texts)
-    lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-    flat = np.fromiter((t for doc in ids for t in doc), np.int64, count=int(lengths.sum()))
-    if len(flat) and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
-        raise MinimaError(f"a token id ({flat.max()}) does not fit the store's {dtype}")
-    return flat.astype(dtype), lengths
+def encode_chunk(texts: list[str], dtype: str, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(flat token ids in `dtype`, int64 lengths) of a chunk of documents, in this process."""
+    return token_arrays(tokenizer, texts, dtype)
 
 
 def _chunks(sources: list[DataSource], cursor: dict[str, int],
@@ -552,27 +557,38 @@ def _chunks(sources: list[DataSource], cursor: dict[str, int],
 
 def _encoded(chunks: Iterator[tuple[list[str], list]], tokenizer: Any, tokenizer_path: str,
              workers: int, dtype: str) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
-    """Tokenised chunks in input order; with workers > 1 a pool of that many processes (each
-    loads the tokenizer itself), at most 2 * workers chunks in flight."""
-    if workers == 1:
-        for texts, positions in chunks:
+    """Tokenised chunks in input order. With workers > 1, a pool of at most that many processes
+    (no more than there are chunks: a source of one chunk is tokenised here), at most
+    2 * workers chunks in flight; which process tokenises a chunk never changes its ids."""
+    ahead: list[tuple[list[str], list]] = []
+    if workers > 1:  # look ahead: start no more processes than there are chunks to give them
+        for chunk in chunks:
+            ahead.append(chunk)
+            if len(ahead) >= workers:
+                break
+    processes = min(workers, len(ahead))
+    if processes <= 1:
+        for texts, positions in chain(ahead, chunks):
             flat, lengths = encode_chunk(texts, dtype, tokenizer)
             yield flat, lengths, positions
         return
     import multiprocessing
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker
-    # forkserver: workers inherit none of this process's descriptors (its output lock), and
-    # the server imports this module once for all of them
+    # forkserver: workers inherit none of this process's descriptors (its output lock); the
+    # server imports only data/tokenize.py (numpy), and each worker rebuilds the tokenizer from
+    # its JSON, so starting one costs a fraction of a second
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
-        context.set_forkserver_preload([__name__])
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        context.set_forkserver_preload([tokenize_module.__name__])
+    spec = tokenize_module.worker_spec(tokenizer, tokenizer_path)
+    with context.Pool(processes, initializer=tokenize_module.init_worker,
+                      initargs=(spec,)) as pool:
         pending: deque[tuple[Any, list]] = deque()
-        for texts, positions in chunks:
-            pending.append((pool.apply_async(encode_chunk, (texts, dtype)), positions))
-            if len(pending) >= 2 * workers:
+        for texts, positions in chain(ahead, chunks):
+            pending.append((pool.apply_async(tokenize_module.encode_in_worker, (texts, dtype)),
+                            positions))
+            if len(pending) >= 2 * processes:
                 result, done = pending.popleft()
                 yield (*result.get(), done)
         while pending:

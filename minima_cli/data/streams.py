@@ -185,7 +185,8 @@ def _store_source(store: TokenStore, seq_len: int, eos_id: int, *, seed: int,
 
 def shuffle_order(n_blocks: int, seed: int, source_index: int, epoch: int) -> np.ndarray:
     """The order in which a source serves its blocks in one epoch: a pure function of its
-    arguments, so a resumed stream rebuilds it from (seed, source, epoch) alone."""
+    arguments, so a resumed stream rebuilds it from (seed, source, epoch) alone. It is the one
+    per-rank array that grows with the corpus: 4 bytes a block (uint32, `seeds.permutation`)."""
     return permutation(n_blocks, [seed, SHUFFLE, source_index, epoch])
 
 
@@ -243,7 +244,9 @@ class MixedBlockStream(ResumableStream):
         self._cumulative = cumulative / cumulative[-1]
         self.epochs = [0] * len(blocks)
         self.indices = [0] * len(blocks)
-        self._orders = [shuffle_order(len(b), seed, i, 0) for i, b in enumerate(blocks)]
+        # each source's order for its current epoch, drawn on first use (a resumed stream draws
+        # only the epochs it is at, and never holds two orders of one source)
+        self._orders: list[np.ndarray | None] = [None] * len(blocks)
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, MIX])))
         self.blocks_served = 0
         self.batches_served = 0
@@ -261,13 +264,16 @@ class MixedBlockStream(ResumableStream):
 
     def _take(self, source: int) -> tuple[int, int]:
         """The next block of `source`, starting its next epoch (a new order) when exhausted."""
-        if self.indices[source] == len(self._orders[source]):
+        if self.indices[source] == len(self.blocks[source]):
             self.epochs[source] += 1
             self.indices[source] = 0
-            self._orders[source] = shuffle_order(
+            self._orders[source] = None  # freed before the next is drawn
+        order = self._orders[source]
+        if order is None:
+            order = self._orders[source] = shuffle_order(
                 len(self.blocks[source]), self.seed, source, self.epochs[source]
             )
-        row = int(self._orders[source][self.indices[source]])
+        row = int(order[self.indices[source]])
         self.indices[source] += 1
         return source, row
 
@@ -302,10 +308,7 @@ class MixedBlockStream(ResumableStream):
             raise MinimaError("the saved data position does not fit this data (data mismatch)")
         self._rng.bit_generator.state = rng_state
         self.epochs, self.indices = epochs, indices
-        self._orders = [
-            shuffle_order(n, self.seed, i, e)
-            for i, (n, e) in enumerate(zip(sizes, epochs, strict=True))
-        ]
+        self._orders = [None] * len(sizes)  # redrawn from (seed, source, epoch) on first use
         self.blocks_served, self.batches_served = blocks_served, batches_served
 
 

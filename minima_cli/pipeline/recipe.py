@@ -45,7 +45,7 @@ from minima_cli.stages import PIPELINE as STAGES
 from minima_cli.stages import STAGES as REGISTRY
 
 # Recipe keys whose value comes from the recipe's `hardware:` section (every training stage).
-HARDWARE_KEYS = ("precision", "gradient_checkpointing", "deepspeed")
+HARDWARE_KEYS = ("precision", "gradient_checkpointing", "compile", "deepspeed")
 
 
 def key_spec(kind: str, default: Any = None, low: float | None = None,
@@ -72,6 +72,7 @@ HARDWARE = {
     "deepspeed": key_spec("file"),
     "precision": key_spec("choice", "auto", choices=("auto", "fp32", "bf16")),
     "gradient_checkpointing": key_spec("bool", False),
+    "compile": key_spec("bool", False),
     "threads": key_spec("int", None, low=1),
     "device": key_spec("str", "auto"),
 }

@@ -14,6 +14,7 @@ from minima_cli.options import OptionError, option
 from minima_cli.training.config import (
     PRECISIONS,
     KDOptions,
+    OnPolicyOptions,
     TrainConfig,
     peak_option,
 )
@@ -144,7 +145,7 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig(TrainConfig, KDOptions):
+class DistillConfig(TrainConfig, OnPolicyOptions, KDOptions):
     """Everything that defines a distillation run (its hash guards --resume)."""
 
     teacher: str | None = option(None, "The full teacher: HF directory or .gguf file (or give "
@@ -171,10 +172,23 @@ class DistillConfig(TrainConfig, KDOptions):
     valid_tokens: int = option(0, "A validation set of this many tokens (seeded random held-out "
                                "documents), the same cost whatever the corpus size; overrides "
                                "--valid-fraction (0: use --valid-fraction).", low=0)
+    prompt_tokens: int | None = option(None, "On-policy steps: the first N tokens of each block "
+                                       "are the prompt the student continues (default: half "
+                                       "of --seq-len).", kind="int", low=1)
 
     def check(self) -> None:
         TrainConfig.check(self)
         self.check_kd()
+        self.check_on_policy()
+        if self.prompt_tokens is not None and not 1 <= self.prompt_tokens <= self.seq_len:
+            raise OptionError("prompt_tokens", f"--prompt-tokens must be in [1, --seq-len "
+                              f"{self.seq_len}], got {self.prompt_tokens}")
+        if self.generates and self.teacher_cache:
+            raise OptionError("on_policy", "--on-policy with --teacher-cache: the cache cannot "
+                              "score new text; give the live teacher with --teacher")
+        if self.generates and self.hidden_weight > 0:
+            raise OptionError("on_policy", "--on-policy with --hidden-weight: the hidden-state "
+                              "loss is not defined on generated text; use one or the other")
         if self.max_tokens < 0:
             raise OptionError("max_tokens", f"--max-tokens must be positive, got "
                               f"{self.max_tokens}")
@@ -188,9 +202,13 @@ class DistillConfig(TrainConfig, KDOptions):
             return math.ceil(self.max_tokens / self.tokens_per_step(world_size))
         return self.max_steps
 
+    def prompt_length(self) -> int:
+        """On-policy steps' prompt: the first `prompt_tokens` of a block (default seq_len // 2)."""
+        return self.prompt_tokens if self.prompt_tokens is not None else self.seq_len // 2
+
 
 @dataclass(frozen=True)
-class SftConfig(TrainConfig, KDOptions):
+class SftConfig(TrainConfig, OnPolicyOptions, KDOptions):
     """An sft run (its hash guards --resume): the shared optimisation and (teacher) losses with
     MiniChat's defaults, plus packing and epochs. `max_steps` 0 means `epochs` passes."""
 
@@ -228,6 +246,10 @@ class SftConfig(TrainConfig, KDOptions):
     def check(self) -> None:
         TrainConfig.check(dataclasses.replace(self, max_steps=self.max_steps or 1))
         self.check_kd()
+        self.check_on_policy()
+        if self.generates and self.teacher is None:
+            raise OptionError("on_policy", "--on-policy needs --teacher: the teacher scores the "
+                              "student's generations")
         if self.max_steps < 0:
             raise OptionError("max_steps", f"--max-steps must be positive, got {self.max_steps}")
         if self.max_steps == 0 and not self.epochs > 0:

@@ -4,7 +4,9 @@ Per micro-batch: the teacher's logits (forward under no_grad, or its top-k read 
 `minima cache-teacher` directory), the student's forward, and the chunked loss
 `alpha * CE + (1 - alpha) * KD` (losses.py) plus, optionally, `hidden_weight` times the MSE of
 mapped hidden states (for a pruned student: against the teacher's states on the kept hidden dims,
-which the prune manifest records). The loop itself (schedule, accumulation, checkpoints, exact
+which the prune manifest records). With `--on-policy LAMBDA`, on that fraction of steps the student
+continues the first `--prompt-tokens` of each block and learns from the teacher on its own tokens
+(training/on_policy.py). The loop itself (schedule, accumulation, checkpoints, exact
 resume, DeepSpeed ZeRO, logs) is training/loop.py's. The final student is written atomically to
 OUTPUT as a standard HF directory; `OUTPUT.run/` (checkpoints, log, token cache) is removed on
 success. Losses: docs/losses.md; outputs, manifest and resume: docs/stages.md.
@@ -12,6 +14,7 @@ success. Losses: docs/losses.md; outputs, manifest and resume: docs/stages.md.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ from minima_cli.training.loop import (
     training_run_dir,
     training_throughput,
 )
+from minima_cli.training.on_policy import OnPolicy, log_totals
 
 
 @dataclass(frozen=True)
@@ -128,17 +132,28 @@ def prune_kept_of(student: ModelSource, teacher_fingerprint: str | None,
 
 def needs_teacher(config: DistillConfig) -> bool:
     """alpha 1 without a hidden-state loss is the LM loss alone (a CE-only baseline at the same
-    data, steps and schedule): no teacher forward, no teacher in memory."""
-    return config.alpha < 1 or config.hidden_weight > 0
+    data, steps and schedule): no teacher forward, no teacher in memory. On-policy steps are KD
+    only, so they always need it."""
+    return config.alpha < 1 or config.hidden_weight > 0 or config.generates
 
 
 def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
                  cache: TeacherCache | None, stream: Any, vocab_size: int,
-                 hidden: HiddenMap | None):
-    """`loss_fn(student, batch) -> (loss, parts)` for train.train."""
+                 hidden: HiddenMap | None, on_policy: OnPolicy | None = None):
+    """`loss_fn(student, batch) -> (loss, parts)` for train.train. With `on_policy` (the run's
+    step hook) its generating steps continue each block's first `prompt_length()` tokens and
+    take the KD loss on the generated tokens; the teacher's forward is timed."""
     kept = torch.tensor(hidden.kept_hidden) if hidden and hidden.kept_hidden else None
+    timed = on_policy.timed if on_policy is not None else None
+
+    def topk(logits: torch.Tensor) -> TopK:
+        return TopK(*teacher_topk(logits, config.topk, vocab_size))
 
     def loss_fn(student: torch.nn.Module, batch: torch.Tensor):
+        if on_policy is not None and on_policy.generating():
+            scored = on_policy.rollout(student, teacher, batch[:, :config.prompt_length()])
+            return on_policy.kd_on_generated(student, teacher, scored, config,
+                                             topk if config.loss == "topk" else None)
         want_hidden = hidden is not None
         # use_cache=False: no KV cache is built in training (memory, and it would be unused)
         out = student(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
@@ -152,12 +167,12 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
             with torch.autocast(batch.device.type, enabled=False):
                 target: torch.Tensor | TopK = cache.lookup(stream.last_picks, batch.device)
         else:
-            with torch.no_grad():
+            with timed("teacher") if timed else contextlib.nullcontext(), torch.no_grad():
                 teacher_out = teacher(input_ids=batch, output_hidden_states=want_hidden,
                                       use_cache=False)
             target = teacher_out.logits
             if config.loss == "topk":
-                target = TopK(*teacher_topk(target, config.topk, vocab_size))
+                target = topk(target)
         loss, parts = distillation_loss(
             out.logits, target, next_token_labels(batch), alpha=config.alpha, kind=config.loss,
             topk_mode=config.topk_mode, temperature=config.temperature, beta=config.beta,
@@ -197,6 +212,10 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
     if max_positions and config.seq_len > max_positions:
         raise MinimaError(f"--seq-len {config.seq_len} exceeds the student's {max_positions} "
                           "positions")
+    generated_length = config.prompt_length() + config.gen_tokens
+    if config.generates and max_positions and generated_length > max_positions:
+        raise MinimaError(f"--prompt-tokens {config.prompt_length()} + --gen-tokens "
+                          f"{config.gen_tokens} exceed the student's {max_positions} positions")
     tokenizer = load_tokenizer(student_src)
     if config.loss == "topk" and cache is None and config.topk > len(tokenizer):
         raise MinimaError(f"--topk {config.topk} exceeds the vocabulary ({len(tokenizer)} "
@@ -229,8 +248,14 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
     student = load_model(student_src)
     stream = prepared.stream(config.batch_size, rank=session.rank,
                              world_size=session.world_size)
+    on_policy = OnPolicy(config, seed=config.seed, rank=session.rank,
+                         world_size=session.world_size, device=session.device,
+                         synced=session.deepspeed_stage == 3,
+                         eos_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
+                         else [], pad_id=tokenizer.eos_token_id or 0,
+                         vocab_size=len(tokenizer), unwrap=session.unwrap)
     loss_fn = make_loss_fn(config, teacher=teacher, cache=cache, stream=stream,
-                           vocab_size=len(tokenizer), hidden=hidden)
+                           vocab_size=len(tokenizer), hidden=hidden, on_policy=on_policy)
     run_id = {"config": config.fingerprint(), "data": prepared.fingerprint,
               "student": model_fingerprint(student_src), "teacher": teacher_fp}
     # model FLOPs: the student trains; the teacher forwards only when it runs (not with a cache)
@@ -240,8 +265,9 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
     result = train(session=session, model=student, loss_fn=loss_fn, stream=stream,
                    valid_blocks=prepared.valid, config=config, run_dir=run_dir, run_id=run_id,
                    resume=resume, progress=progress, description="distill",
-                   throughput=throughput)
-    tokens_per_s = result.tokens / max(result.seconds, 1e-9)
+                   throughput=throughput, step_hook=on_policy)
+    # this process's tokens over its time: after --resume, not the steps before the resume
+    tokens_per_s = result.tokens_run / max(result.seconds, 1e-9)
 
     def write_extra(tmp: Path) -> dict[str, Any]:
         copy_tokenizer_files(student_src, tmp)
@@ -257,7 +283,8 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
             hidden_map=asdict(hidden) if hidden else None,
             metrics={**result.metrics, "steps": result.steps, "tokens": result.tokens,
                      "world_size": session.world_size, "precision": session.precision,
-                     "tokens_per_s": tokens_per_s, **throughput.summary(tokens_per_s)},
+                     "tokens_per_s": tokens_per_s, **throughput.summary(tokens_per_s),
+                     **log_totals(run_dir / "log.jsonl")},
             wall_time_s=result.seconds)
 
     return save_final_model(session, result.model, output, force, run_dir, write_extra)

@@ -207,9 +207,17 @@ def model_dev_loss(path: Path, dev: torch.Tensor, batch_size: int = 64) -> float
     return evaluate_loss(load_model(resolve_model(path)), dev, batch_size)
 
 
-def distil_chain(teacher: ModelSource, candidate: Candidate, student_plan: PrunePlan, data: str,
-                 config: DistillConfig, work: Path, dev: torch.Tensor, *, progress: bool,
-                 text_field: str) -> dict[str, Any]:
+def stores_of(prepared: Any) -> list[dict[str, Any]]:
+    """The prepared sources as the token stores they are read from (a raw source's store in the
+    run's cache), with their weights: the same blocks, split and mix for a distillation given
+    them as `--data`, without tokenising the text again."""
+    return [{"path": str(blocks.store.path), "weight": source.weight}
+            for source, blocks in zip(prepared.sources, prepared.train, strict=True)]
+
+
+def distil_chain(teacher: ModelSource, candidate: Candidate, student_plan: PrunePlan,
+                 data: str | list[dict[str, Any]], config: DistillConfig, work: Path,
+                 dev: torch.Tensor, *, progress: bool, text_field: str) -> dict[str, Any]:
     """teacher -> candidate -> student (or teacher -> student for the teacher itself), each
     stage a `minima distill` run of `config`; returns dev losses, runs, seconds, paths."""
     start = time.perf_counter()
@@ -236,7 +244,8 @@ def distil_chain(teacher: ModelSource, candidate: Candidate, student_plan: Prune
     return result
 
 
-def distil(config: DistillConfig, *, teacher: str, student: str, data: str, output: Path,
+def distil(config: DistillConfig, *, teacher: str, student: str,
+           data: str | list[dict[str, Any]], output: Path,
            progress: bool, text_field: str) -> None:
     """One `minima distill` run, called through the stage registry (stages never import each
     other)."""
@@ -309,8 +318,12 @@ def run_schedule(*, teacher_path: str, scores_path: str, data: str, output: Path
     total = count_parameters(teacher_shape)
     student_sparsity = sparsity(count_parameters(student_shape), total)
     tokenizer = load_tokenizer(source)
+    # raw text is tokenised once into OUTPUT.token-cache/ (kept, as cache-teacher keeps its own),
+    # and every distillation of the chain reads those stores instead of tokenising again
     prepared = prepare_data(data, tokenizer, seq_len=config.seq_len, seed=config.seed,
-                            valid_fraction=config.valid_fraction, text_field=text_field)
+                            valid_fraction=config.valid_fraction, text_field=text_field,
+                            cache_dir=output.with_name(f"{output.name}.token-cache"))
+    chain_data = stores_of(prepared)
     dev = dev_blocks(dev_data, prepared, tokenizer, config.seq_len, text_field)
 
     started = time.perf_counter()
@@ -342,7 +355,7 @@ def run_schedule(*, teacher_path: str, scores_path: str, data: str, output: Path
             work = tmp / "work"
 
             def chain(i: int) -> dict[str, Any]:
-                return distil_chain(source, candidates[i], student_plan, data, config,
+                return distil_chain(source, candidates[i], student_plan, chain_data, config,
                                     work / f"c{i}", dev, progress=progress,
                                     text_field=text_field)
 

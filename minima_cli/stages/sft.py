@@ -4,12 +4,17 @@ optionally distilled from a teacher (distill's losses, on the same tokens).
 The data side (record formats, chat templates and the ChatML default, assistant masks, packing,
 the resumable row stream) is data/chat.py; the loop, checkpoints and resume are
 training/loop.py's. Each micro-batch's loss is weighted by its share of the step's assistant
-tokens (docs/losses.md). Outputs and manifest: docs/stages.md.
+tokens (docs/losses.md). With `--on-policy LAMBDA` (and a teacher), on that fraction of steps the
+student answers each example's prompt (its tokens before the first assistant token) itself and
+learns from the teacher on its own answer (training/on_policy.py). Outputs and manifest:
+docs/stages.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +39,9 @@ from minima_cli.data.chat import (
 )
 from minima_cli.data.teacher_cache import teacher_topk
 from minima_cli.errors import MinimaError
+from minima_cli.evaluation.generation import stop_token_ids
 from minima_cli.fsutil import write_manifest
-from minima_cli.losses import TopK, distillation_loss, summed_cross_entropy
+from minima_cli.losses import IGNORE_INDEX, TopK, distillation_loss, summed_cross_entropy
 from minima_cli.model.arch import shape_from_config
 from minima_cli.model.checkpoint import (
     check_same_tokenizer,
@@ -58,14 +64,52 @@ from minima_cli.training.loop import (
     training_run_dir,
     training_throughput,
 )
+from minima_cli.training.on_policy import OnPolicy, left_pad, log_totals
 
 
-def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size: int):
+def chat_prompts(input_ids: torch.Tensor, labels: torch.Tensor,
+                 position_ids: torch.Tensor) -> list[list[int]]:
+    """The prompt of every example of a collated batch (`data.chat.collate`): its tokens up to
+    and including the one before its first assistant token (the turn opener), i.e. the
+    conversation before the first assistant reply. Examples start where the position ids
+    restart; a run without labels is padding."""
+    prompts = []
+    for ids, labs, positions in zip(input_ids.tolist(), labels.tolist(),
+                                    position_ids.tolist(), strict=True):
+        starts = [t for t, p in enumerate(positions) if p == 0] + [len(ids)]
+        for begin, end in itertools.pairwise(starts):
+            first = next((t for t in range(begin, end) if labs[t] != IGNORE_INDEX), None)
+            if first is not None:
+                prompts.append(ids[begin : first + 1])
+    return prompts
+
+
+def longest_prompt(rows: list[list[Example]]) -> int:
+    """The longest `chat_prompts` prompt of these rows (each example has an assistant token
+    after its first, `fit_examples`)."""
+    return max(example.mask.index(True, 1) for row in rows for example in row)
+
+
+def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size: int,
+                 on_policy: OnPolicy | None = None):
     """`loss_fn(model, batch) -> (loss, parts)`: the mean assistant-token CE, or with a teacher
     distill's `alpha * CE + (1 - alpha) * KD` over the same tokens; times the batch's `share`
-    of its step (`token_share`). The parts are this rank's unscaled means."""
+    of its step (`token_share`). The parts are this rank's unscaled means. With `on_policy`
+    (the run's step hook) its generating steps answer the batch's prompts and take the KD loss
+    on the generated tokens, unweighted (each micro-batch's mean); the teacher's forward is
+    timed."""
+    timed = on_policy.timed if on_policy is not None else None
+
+    def topk(logits: torch.Tensor) -> TopK:
+        return TopK(*teacher_topk(logits, config.topk, vocab_size))
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        if on_policy is not None and on_policy.generating():
+            prompts = chat_prompts(batch["input_ids"], batch["labels"], batch["position_ids"])
+            ids, mask = left_pad(prompts, on_policy.pad_id, batch["input_ids"].device)
+            scored = on_policy.rollout(model, teacher, ids, mask)
+            return on_policy.kd_on_generated(model, teacher, scored, config,
+                                             topk if config.loss == "topk" else None)
         # no KV cache: with one, transformers skips the packed-sequence mask (and it wastes memory)
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                   "use_cache": False}
@@ -75,10 +119,10 @@ def make_loss_fn(config: SftConfig, teacher: torch.nn.Module | None, vocab_size:
             total, count = summed_cross_entropy(logits, batch["labels"])
             loss = total / max(count, 1)
             return loss * share, {"ce": loss.detach()}
-        with torch.no_grad():
+        with timed("teacher") if timed else contextlib.nullcontext(), torch.no_grad():
             target = teacher(**inputs).logits
         if config.loss == "topk":
-            target = TopK(*teacher_topk(target, config.topk, vocab_size))
+            target = topk(target)
         loss, parts = distillation_loss(
             logits, target, batch["labels"], alpha=config.alpha, kind=config.loss,
             topk_mode=config.topk_mode, temperature=config.temperature, beta=config.beta,
@@ -188,6 +232,11 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
     chat = prepare_chat(data, tokenizer, template, config, valid_data=valid_data,
                         progress=progress)
     chat.summary["seq_len_auto"] = auto_seq_len
+    max_positions = getattr(load_config(source), "max_position_embeddings", None)
+    prompt = longest_prompt(chat.train_rows) if config.generates else 0
+    if config.generates and max_positions and prompt + config.gen_tokens > max_positions:
+        raise MinimaError(f"the longest prompt ({prompt} tokens) + --gen-tokens "
+                          f"{config.gen_tokens} exceed the model's {max_positions} positions")
     session = open_session(config)
     config = dataclasses.replace(config, max_steps=config.steps_for(len(chat.train_rows),
                                                                     session.world_size))
@@ -207,13 +256,17 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
     throughput = training_throughput(
         session, config, shape_from_config(model.config),
         shape_from_config(load_config(teacher_src)) if teacher_src is not None else None)
-    result = train(session=session, model=model, loss_fn=make_loss_fn(config, teacher,
-                                                                      len(tokenizer)),
+    on_policy = OnPolicy(config, seed=config.seed, rank=session.rank,
+                         world_size=session.world_size, device=session.device,
+                         synced=session.deepspeed_stage == 3, eos_ids=stop_token_ids(tokenizer),
+                         pad_id=pad_id, vocab_size=len(tokenizer), unwrap=session.unwrap)
+    result = train(session=session, model=model,
+                   loss_fn=make_loss_fn(config, teacher, len(tokenizer), on_policy),
                    stream=stream, valid_blocks=None, config=config, run_dir=run_dir,
                    run_id=run_id, resume=resume, progress=progress, description="sft",
                    evaluate_fn=make_evaluate_fn(chat.valid_rows, config.batch_size, pad_id,
                                                 session.device),
-                   throughput=throughput)
+                   throughput=throughput, step_hook=on_policy)
     # real tokens (padding excluded): the manifest's MFU counts only useful model FLOPs
     tokens_per_s = (stream.tokens_served - stream.resumed_tokens) / max(result.seconds, 1e-9)
 
@@ -237,7 +290,8 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
             metrics={**result.metrics, "steps": result.steps,
                      "tokens": stream.tokens_served,  # real tokens, padding excluded
                      "world_size": session.world_size, "precision": session.precision,
-                     "tokens_per_s": tokens_per_s, **throughput.summary(tokens_per_s)},
+                     "tokens_per_s": tokens_per_s, **throughput.summary(tokens_per_s),
+                     **log_totals(run_dir / "log.jsonl")},
             wall_time_s=result.seconds)
 
     return save_final_model(session, result.model, output, force, run_dir, write_extra)

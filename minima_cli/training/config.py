@@ -1,6 +1,7 @@
 """What a training run can be asked for: `TrainConfig` (optimisation, schedule, checkpoints,
-precision) and `KDOptions` (the distillation losses), shared by distill and sft. Each field is an
-option declared once (options.py): flag, YAML key and recipe key. No torch here.
+precision), `KDOptions` (the distillation losses) and `OnPolicyOptions` (on-policy generation),
+shared by distill and sft. Each field is an option declared once (options.py): flag, YAML key
+and recipe key. No torch here.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ class TrainConfig:
                             choices=PRECISIONS, source="hardware")
     gradient_checkpointing: bool = option(False, "Trade compute for activation memory.",
                                           source="hardware")
+    # Not hashed: like the thread count, compiling changes how the same math runs (inductor
+    # fuses and reorders float ops: results within rounding of eager), not what is computed;
+    # a finished stage is not re-run and a run may resume with it switched.
+    compile: bool = option(False, "torch.compile the student (and the teacher's forward): "
+                           "faster steps after a compile of minutes, results within rounding "
+                           "of eager. One process only: refused with --deepspeed or several "
+                           "processes.", hashed=False, source="hardware")
     deepspeed: str | None = option(None, "DeepSpeed JSON config (e.g. "
                                    "recipes/deepspeed/zero3.json); launch with torchrun or "
                                    "accelerate launch for several processes.", kind="file",
@@ -91,6 +99,9 @@ class TrainConfig:
         if self.keep_last < 1:
             raise OptionError("keep_last", f"--keep-last must be at least 1, got {self.keep_last}")
         check_peak(self.peak_tflops)
+        if self.compile and self.deepspeed:
+            raise OptionError("compile", "--compile runs in one process without DeepSpeed: "
+                              "drop --compile or --deepspeed")
 
     def total_steps(self, world_size: int = 1) -> int:
         return self.max_steps
@@ -137,3 +148,42 @@ class KDOptions:
             raise OptionError("beta", f"--beta {self.beta} must be in [0, 1]")
         if self.topk < 1:
             raise OptionError("topk", f"--topk must be positive, got {self.topk}")
+
+
+@dataclass(frozen=True)
+class OnPolicyOptions:
+    """On-policy distillation (GKD; docs/losses.md): on a lambda fraction of optimizer steps the
+    student continues prompts by sampling and the teacher scores the continuation."""
+
+    on_policy: float = option(0.0, "GKD's lambda: the fraction of optimizer steps on which the "
+                              "student samples continuations of prompts and learns from the "
+                              "teacher on its own tokens (KD only on those steps); 0: off.",
+                              high=1)
+    gen_tokens: int = option(32, "Tokens sampled per sequence on on-policy steps (fewer where "
+                             "every sequence ends early).", low=1)
+    gen_temperature: float = option(1.0, "Sampling temperature of on-policy generation (0: "
+                                    "greedy).")
+    gen_top_p: float = option(1.0, "Nucleus sampling: keep the most likely tokens up to this "
+                              "probability mass, in (0, 1].", high=1)
+    seq_kd: bool = option(False, "Sequence-level KD: on those steps the teacher generates "
+                          "instead of the student.")
+
+    @property
+    def generates(self) -> bool:
+        """Whether any step of the run generates."""
+        return self.on_policy > 0
+
+    def check_on_policy(self) -> None:
+        if not 0 <= self.on_policy <= 1:
+            raise OptionError("on_policy", f"--on-policy {self.on_policy} must be in [0, 1]")
+        if self.gen_tokens < 1:
+            raise OptionError("gen_tokens", f"--gen-tokens must be at least 1, got "
+                              f"{self.gen_tokens}")
+        if not self.gen_temperature >= 0:
+            raise OptionError("gen_temperature", f"--gen-temperature must be >= 0 (0: greedy), "
+                              f"got {self.gen_temperature}")
+        if not 0 < self.gen_top_p <= 1:
+            raise OptionError("gen_top_p", f"--gen-top-p {self.gen_top_p} must be in (0, 1]")
+        if self.seq_kd and not self.on_policy > 0:
+            raise OptionError("seq_kd", "--seq-kd needs --on-policy > 0: the fraction of steps "
+                              "on which the teacher generates")

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -53,6 +53,17 @@ from minima_cli.training.state import (
 )
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+class StepHook(Protocol):
+    """What a stage may follow the loop's steps with (training/on_policy.py's OnPolicy): the
+    optimizer step about to run, and the fields it adds to that step's log record."""
+
+    bar_keys: tuple[str, ...]  # record fields the progress bar shows
+
+    def begin_step(self, step: int) -> None: ...
+
+    def end_step(self, step_s: float) -> dict[str, float]: ...
 
 
 def cpu_has_bf16() -> bool:
@@ -162,22 +173,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def compile_in_place(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """`model` with its forward compiled by torch.compile (inductor) on its first call, when
+    `enabled`. In place (nn.Module.compile), not `torch.compile(model)`: that wraps the model in
+    an OptimizedModule whose parameter names and state_dict keys carry `_orig_mod.`, which
+    checkpoints, resume and save_pretrained would then write and expect."""
+    if enabled:
+        model.compile()
+    return model
+
+
 class LocalSession:
     """One process, plain PyTorch, on `device` (default: the GPU if there is one) in
-    `precision` ("auto", "fp32" or "bf16"). The sandwich and the tiny world's pre-training run in
-    one too, without a run directory."""
+    `precision` ("auto", "fp32" or "bf16"), the models compiled with `compile` (--compile). The
+    sandwich and the tiny world's pre-training run in one too, without a run directory."""
 
     rank, world_size, is_main, deepspeed_stage = 0, 1, True, 0
 
-    def __init__(self, precision: str = "auto", device: torch.device | str | None = None):
+    def __init__(self, precision: str = "auto", device: torch.device | str | None = None,
+                 compile: bool = False):
         self.device = default_device() if device is None else torch.device(device)
         self.precision = resolve_precision(precision, self.device)
+        self.compile = compile
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        return model.to(self.device), optimizer
+        return compile_in_place(model.to(self.device), self.compile), optimizer
 
     def prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
-        return teacher.to(self.device)
+        return compile_in_place(teacher.to(self.device), self.compile)
 
     def no_sync(self, model, last_micro: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -373,8 +396,11 @@ def training_throughput(session, config: TrainConfig, student: Any,
 
 def open_session(config: TrainConfig) -> LocalSession | AccelerateSession:
     if config.deepspeed or rank_and_world()[1] > 1:
+        if config.compile:  # DDP/ZeRO wrappers around a compiled module are not tested here
+            raise MinimaError("--compile runs in one process without DeepSpeed: drop --compile "
+                              "or launch one process")
         return AccelerateSession(config)
-    return LocalSession(config.precision)
+    return LocalSession(config.precision, compile=config.compile)
 
 
 class RunLog:
@@ -442,8 +468,9 @@ class TrainResult:
     model: torch.nn.Module  # the prepared (possibly wrapped) model
     metrics: dict[str, Any]
     steps: int
-    tokens: int
-    seconds: float
+    tokens: int  # the run's, from step 0
+    seconds: float  # this process's: since a resume, not since step 0
+    tokens_run: int = 0  # trained in this process (what tokens/s divides by `seconds`)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -526,14 +553,17 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
           run_id: dict[str, Any], resume: bool, progress: bool = True,
           description: str = "train",
           evaluate_fn: Callable[[torch.nn.Module], float] | None = None,
-          throughput: Throughput | None = None) -> TrainResult:
+          throughput: Throughput | None = None,
+          step_hook: StepHook | None = None) -> TrainResult:
     """Run the loop on an unprepared `model` (the session wraps it); see the module doc.
 
     `stream` yields batches (a tensor, or a dict/tuple of tensors that `loss_fn` understands) and
     has `state_dict()` / `load_state_dict()`; the validation loss is `evaluate_fn(model)` or, by
     default, the mean next-token loss over `valid_blocks`. Each step counts
     `config.tokens_per_step` tokens. With `throughput` (training_throughput) every log record
-    and the progress bar carry the step's model FLOPs per token, TFLOP/s and MFU."""
+    and the progress bar carry the step's model FLOPs per token, TFLOP/s and MFU. A
+    `step_hook` is told each step's index before it runs and adds its fields to the record (and
+    those named in its `bar_keys` to the progress bar)."""
     if evaluate_fn is None:
         def evaluate_fn(model: torch.nn.Module) -> float:
             return evaluate_loss(model, valid_blocks.to(session.device), config.batch_size)
@@ -562,7 +592,8 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
     tokens_per_step = config.tokens_per_step(session.world_size)
     bf16 = session.precision == "bf16"
     metrics: dict[str, Any] = {}
-    bar_fields = {"loss": float("nan"), **({"mfu": float("nan")} if throughput else {})}
+    bar_fields = {"loss": float("nan"), **({"mfu": float("nan")} if throughput else {}),
+                  **{key: float("nan") for key in (step_hook.bar_keys if step_hook else ())}}
     start = time.perf_counter()
     done = first_step
     try:
@@ -574,10 +605,14 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                 lr = learning_rate(step, peak=config.lr, total_steps=total_steps,
                                    warmup_steps=warmup, schedule=config.schedule,
                                    min_ratio=config.min_lr_ratio)
+                if step_hook is not None:
+                    step_hook.begin_step(step)
                 stats = optimizer_step(session, model, optimizer, loss_fn, stream,
                                        grad_accum=config.grad_accum, lr=lr, clip=config.clip)
                 record = {"step": done, "lr": lr, **stats.means, "grad_norm": stats.grad_norm,
                           "step_s": time.perf_counter() - step_start}
+                if step_hook is not None:
+                    record.update(step_hook.end_step(record["step_s"]))
                 if throughput is not None:
                     record.update(throughput.figures(tokens_per_step / record["step_s"]))
                 if done % config.eval_every == 0 or done == total_steps:
@@ -604,7 +639,7 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
     finally:
         log.close()
     return TrainResult(model, metrics, total_steps, total_steps * tokens_per_step,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, (total_steps - first_step) * tokens_per_step)
 
 
 def diverged_message(error: BaseException, step: int, total_steps: int, clip: float,

@@ -45,6 +45,35 @@ def test_killed_distill_resumes_to_the_same_weights(tiny_world, pruned, tmp_path
         assert torch.equal(expected[name], actual[name]), name
 
 
+def test_killed_on_policy_distill_resumes_to_the_same_weights(tiny_world, pruned, tmp_path,
+                                                              capsys):
+    """lambda 0.5, sampled at temperature 1: which steps generate and what they sample are
+    functions of (seed, step, rank, micro-batch), so a resume from the checkpoint's step
+    samples exactly what the uninterrupted run did."""
+    on_policy = ["--on-policy", "0.5", "--gen-temperature", "1", "--gen-tokens", "8"]
+    reference = tmp_path / "reference"
+    assert run_cli([*distill_args(tiny_world, pruned, reference, steps=10), *on_policy],
+                   capsys)[0] == 0
+    records = [json.loads(line) for line in (reference / "log.jsonl").read_text().splitlines()]
+    assert 0 < sum(r["on_policy"] for r in records) < 10  # both kinds of step, both sides
+    out = tmp_path / "killed"
+    kill_at_checkpoint([*distill_args(tiny_world, pruned, out, steps=10), *on_policy],
+                       tmp_path / "killed.run" / "checkpoints", 4)
+    assert not out.exists(), "killed before the end: no final output"
+    assert run_cli([*distill_args(tiny_world, pruned, out, steps=10), *on_policy, "--resume"],
+                   capsys)[0] == 0
+    expected = load_file(reference / "model.safetensors")
+    actual = load_file(out / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    resumed = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["on_policy"], r["generated_tokens"], r["loss"]) for r in resumed] == [
+        (r["on_policy"], r["generated_tokens"], r["loss"]) for r in records]
+    totals = [json.loads((d / "minima.json").read_text())["metrics"] for d in (reference, out)]
+    assert totals[0]["generated_tokens"] == totals[1]["generated_tokens"] > 0
+
+
 def test_killed_sft_resumes_to_the_same_weights(chat_world, tmp_path, capsys):
     steps = ["--max-steps", "30"]
     reference = tmp_path / "reference"

@@ -146,3 +146,27 @@ def test_data_parallel_score_equals_single_process(tiny_world, tmp_path, capsys)
         torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-8)
     manifest = json.loads((tmp_path / "dp" / "minima.json").read_text())
     assert manifest["metrics"]["tokens"] == 6 * 32
+
+
+def test_on_policy_under_zero3_generates_as_plain_data_parallel(tiny_world, pruned, tmp_path):
+    """On-policy steps under ZeRO-3 (every rank runs all --gen-tokens forwards, since each
+    gathers the partitioned weights) give the same generations and losses as 2 plain DDP ranks,
+    which stop generating once their rows have ended."""
+    on_policy = ["--on-policy", "1", "--gen-temperature", "0", "--gen-tokens", "8",
+                 "--max-steps", "4"]
+    logs = {}
+    for name, extra in (("ddp", []), ("zero3", ["--deepspeed", str(RECIPES / "zero3.json")])):
+        out = tmp_path / name
+        finish(torchrun([*distill_args(tiny_world, pruned, out, batch_size=2), *on_policy,
+                         *extra]))
+        logs[name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in logs["zero3"]] == [1, 1, 1, 1]
+    # both ranks' tokens, counted once each: 2 ranks x 2 rows x at most 8
+    assert all(0 < r["generated_tokens"] <= 32 for r in logs["zero3"])
+    assert ([r["generated_tokens"] for r in logs["zero3"]]
+            == [r["generated_tokens"] for r in logs["ddp"]])
+    # the same weights at step 1; later ZeRO-3's other reduce order moves them by up to ~lr
+    # (test_zero3_writes_a_loadable_consolidated_student)
+    assert logs["zero3"][0]["loss"] == pytest.approx(logs["ddp"][0]["loss"], rel=1e-4)
+    for ddp, zero3 in zip(logs["ddp"], logs["zero3"], strict=True):
+        assert zero3["loss"] == pytest.approx(ddp["loss"], rel=2e-2)

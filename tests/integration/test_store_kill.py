@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import run_cli
+
 from minima_cli.data.store import TokenStore
 from minima_cli.data.tiny_corpus import make_corpus
 from minima_cli.stages.tiny import train_tokenizer
-from tests.conftest import run_cli
 
 
 def files_of(directory: Path) -> dict[str, bytes]:

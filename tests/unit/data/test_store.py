@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from minima_cli.data.pack import held_out_by_tokens, pack_tokens
 from minima_cli.data.read import read_documents
@@ -22,7 +23,6 @@ from minima_cli.data.tiny_corpus import make_corpus
 from minima_cli.data.tokenize import TokenizedSource, tokenize_documents
 from minima_cli.errors import MinimaError
 from minima_cli.stages.tiny import train_tokenizer
-from tests.conftest import run_cli
 
 SEQ = 16
 
@@ -65,7 +65,8 @@ def files_of(directory: Path) -> dict[str, bytes]:
 
 
 def test_round_trip_across_shards_in_order(tmp_path: Path, corpus: list[str], tokenizer: Any,
-                                           tok_dir: Path) -> None:
+                                           tok_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -89,11 +90,21 @@ def test_round_trip_across_shards_in_order(tmp_path: Path, corpus: list[str], to
     assert np.array_equal(store.tokens(boundary - 7, boundary + 9), flat[boundary - 7:boundary + 9])
     assert store.flat[boundary] == flat[boundary] and store.flat[-1] == flat[-1]
     assert np.array_equal(store.lengths(), [len(e) for e in expected])
-    # two workers give the same bytes as one
-    two = build(",".join([str(txt)]), tokenizer, tok_dir, tmp_path / "w2", workers=2,
-                shard_tokens=500)
+    # two worker processes give the same bytes as one process
+    import minima_cli.data.store as store_module
+
     one = build(str(txt), tokenizer, tok_dir, tmp_path / "w1", shard_tokens=500)
-    assert files_of(two.path) == files_of(one.path)
+    here: list[int] = []
+    encode_here = store_module.encode_chunk
+    monkeypatch.setattr(store_module, "encode_chunk",
+                        lambda texts, *a: here.append(len(texts)) or encode_here(texts, *a))
+    monkeypatch.setattr(store_module, "CHUNK_DOCUMENTS", 16)  # 7 chunks: the pool starts
+    two = build(str(txt), tokenizer, tok_dir, tmp_path / "w2", workers=2, shard_tokens=500)
+    assert here == [] and files_of(two.path) == files_of(one.path)
+    # a source of one chunk is tokenised in this process: no pool to start for it
+    monkeypatch.setattr(store_module, "CHUNK_DOCUMENTS", 512)
+    build(str(txt), tokenizer, tok_dir, tmp_path / "w2b", workers=2, shard_tokens=500)
+    assert here == [100]
 
 
 class WideTokenizer:
@@ -248,6 +259,37 @@ def test_store_refused_for_other_tokenizer_truncation_or_missing_manifest(
     (store.path / "store.json").unlink()
     with pytest.raises(MinimaError, match="no store.json"):
         prepare_data(str(store.path), tokenizer, seq_len=SEQ)
+
+
+def test_bad_stores_exit_2_with_one_line_and_nothing_written(
+        tmp_path: Path, corpus: list[str], tokenizer: Any, tok_dir: Path, tiny_world: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    teacher = tiny_world / "teacher"
+    good = tmp_path / "good"
+    code, _, err = run_cli(["tokenize", "--data", tiny_world / "data" / "train.txt",
+                            "--tokenizer", teacher, "-o", good, "--shard-tokens", "2000", "-q"],
+                           capsys)
+    assert code == 0, err
+    other = build(str(write_txt(tmp_path / "a.txt", corpus)), tokenizer, tok_dir,
+                  tmp_path / "other")  # made with another tokenizer than the teacher's
+    truncated, unnamed = tmp_path / "truncated", tmp_path / "unnamed"
+    shutil.copytree(good, truncated)
+    shard = truncated / "tokens-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    shutil.copytree(good, unnamed)
+    (unnamed / "store.json").unlink()
+    for store, message in ((other.path, "another tokenizer"),
+                           (truncated, "tokens-00001.bin is truncated"),
+                           (unnamed, "no store.json")):
+        out = tmp_path / "student"
+        code, _, err = run_cli(["distill", "-t", teacher, "-s", teacher, "-d", store, "-o", out,
+                                "--seq-len", "32", "--max-steps", "1", "-q"], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (store, err)
+        assert message in lines[0], (store, err)
+        assert not [p.name for p in tmp_path.glob("student*")], store
 
 
 def test_tokenize_cli_and_bad_inputs(tmp_path: Path, corpus: list[str], tok_dir: Path,

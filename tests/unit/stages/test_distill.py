@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import distill_args, run_cli, save_model, tiny_random_model
 from safetensors.torch import load_file
@@ -180,3 +181,110 @@ def test_alpha_one_is_the_lm_loss_without_the_teacher(tiny_world, pruned, tmp_pa
     assert main([*distill_args(tiny_world, pruned, out, steps=4), "--alpha", "1"]) == 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all("kd" not in r and r["loss"] == r["ce"] for r in records)
+
+
+def test_on_policy_zero_is_bitwise_the_run_without_it(tiny_world, pruned, tmp_path, monkeypatch):
+    """--on-policy 0 trains exactly as distill without the flag, and as the loss function and
+    loop without the on-policy step hook at all (today's code path)."""
+    import hashlib
+
+    from minima_cli.stages import distill
+
+    flagged, plain = tmp_path / "flagged", tmp_path / "plain"
+    assert main([*distill_args(tiny_world, pruned, flagged, steps=4), "--on-policy", "0"]) == 0
+    monkeypatch.setattr(distill, "OnPolicy", lambda *args, **kwargs: None)
+    assert main(distill_args(tiny_world, pruned, plain, steps=4)) == 0
+    digests = {hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+               for out in (flagged, plain)}
+    assert len(digests) == 1
+    records = [json.loads(line) for line in (flagged / "log.jsonl").read_text().splitlines()]
+    assert all(r["on_policy"] == 0 and r["generate_s"] == 0 and r["generated_tokens"] == 0
+               and r["teacher_s"] > 0 for r in records)
+    metrics = json.loads((flagged / "minima.json").read_text())["metrics"]
+    assert metrics["on_policy_steps"] == 0 and metrics["generated_tokens"] == 0
+
+
+def test_greedy_on_policy_loss_equals_a_hand_computation(tiny_world, pruned, tmp_path,
+                                                         monkeypatch):
+    """lambda 1, greedy: step 1's logged loss is the forward KL of teacher and student on the
+    student's own greedy continuation (a naive loop: a full forward per token, no cache),
+    counted on the generated tokens only (alpha ignored: KD only)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minima_cli.stages import distill
+
+    batches = []
+    original = distill.make_loss_fn
+
+    def spy(*args, **kwargs):
+        loss_fn = original(*args, **kwargs)
+
+        def recording(student, batch):
+            batches.append(batch.clone())
+            return loss_fn(student, batch)
+
+        return recording
+
+    monkeypatch.setattr(distill, "make_loss_fn", spy)
+    out = tmp_path / "greedy"
+    prompt, new = 10, 6
+    assert main([*distill_args(tiny_world, pruned, out, steps=1), "--batch-size", "2",
+                 "--on-policy", "1", "--gen-temperature", "0", "--gen-tokens", str(new),
+                 "--prompt-tokens", str(prompt), "--alpha", "0.5"]) == 0
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert record["on_policy"] == 1 and record["generate_s"] > 0
+
+    tokenizer = AutoTokenizer.from_pretrained(pruned)
+    vocab, eos = len(tokenizer), tokenizer.eos_token_id
+    student = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world / "teacher",
+                                                   dtype=torch.float32).eval()
+    per_token, generated = [], 0
+    with torch.no_grad():
+        for row in batches[0][:, :prompt].tolist():
+            sequence = list(row)
+            for _ in range(new):
+                token = int(student(input_ids=torch.tensor([sequence])).logits[0, -1,
+                                                                                :vocab].argmax())
+                sequence.append(token)
+                if token == eos:
+                    break
+            generated += len(sequence) - prompt
+            ids = torch.tensor([sequence])
+            log_p = teacher(input_ids=ids).logits[0, prompt - 1:-1, :vocab].log_softmax(-1)
+            log_q = student(input_ids=ids).logits[0, prompt - 1:-1, :vocab].log_softmax(-1)
+            per_token.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    expected = torch.cat(per_token).mean().item()
+    assert record["generated_tokens"] == generated
+    assert record["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert record["kd"] == record["loss"]  # KD only on an on-policy step
+    metrics = json.loads((out / "minima.json").read_text())["metrics"]
+    assert metrics["on_policy_steps"] == 1 and metrics["generated_tokens"] == generated
+
+
+def test_bad_on_policy_inputs(tiny_world, pruned, tmp_path, capsys):
+    not_a_cache = tmp_path / "not_a_cache"
+    not_a_cache.mkdir()
+    cases = [
+        (["--on-policy", "1.5"], "--on-policy 1.5 must be in [0, 1]"),
+        (["--on-policy", "-0.5"], "--on-policy -0.5 must be in [0, 1]"),
+        (["--on-policy", "1", "--gen-tokens", "0"], "--gen-tokens must be at least 1"),
+        (["--on-policy", "1", "--gen-tokens", "250"],
+         "--prompt-tokens 16 + --gen-tokens 250 exceed the student's 256 positions"),
+        (["--on-policy", "1", "--prompt-tokens", "0"], "--prompt-tokens must be in [1, "),
+        (["--on-policy", "1", "--prompt-tokens", "33"], "--prompt-tokens must be in [1, "),
+        (["--on-policy", "0.5", "--loss", "topk", "--teacher-cache", not_a_cache],
+         "the cache cannot score new text"),
+        (["--on-policy", "1", "--gen-top-p", "0"], "--gen-top-p 0.0 must be in (0, 1]"),
+        (["--on-policy", "1", "--gen-top-p", "1.5"], "--gen-top-p 1.5 must be in (0, 1]"),
+        (["--on-policy", "1", "--gen-temperature", "-1"], "--gen-temperature must be >= 0"),
+        (["--seq-kd"], "--seq-kd needs --on-policy > 0"),
+        (["--on-policy", "1", "--hidden-weight", "1"], "--on-policy with --hidden-weight"),
+    ]
+    capsys.readouterr()
+    out = tmp_path / "out"
+    for extra, message in cases:
+        code, _, err = run_cli([*distill_args(tiny_world, pruned, out), *extra], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, lines)
+        assert not out.exists() and not (tmp_path / "out.run").exists(), extra

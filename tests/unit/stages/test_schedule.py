@@ -311,7 +311,23 @@ def schedule_args(tiny_world, scored, out, *extra):
             "--lr", "3e-3", "-q", *extra]
 
 
-def test_schedule_exhaustive_end_to_end(tiny_world, scored, tmp_path, capsys):
+@pytest.fixture
+def builds(monkeypatch):
+    """Every token store build (data/store.py) during the test, by output path."""
+    import minima_cli.data.store as store
+
+    built = []
+    real = store.build_store
+
+    def counting(sources, *args, **kwargs):
+        built.append(Path(args[2]))  # (tokenizer, tokenizer_path, output, ...)
+        return real(sources, *args, **kwargs)
+
+    monkeypatch.setattr(store, "build_store", counting)
+    return built
+
+
+def test_schedule_exhaustive_end_to_end(tiny_world, scored, tmp_path, capsys, builds):
     out = tmp_path / "schedule"
     code, stdout, err = run_cli(schedule_args(
         tiny_world, scored, out, "--student-ratio", "0.3", "--sparsities", "0,30,60,90",
@@ -338,6 +354,24 @@ def test_schedule_exhaustive_end_to_end(tiny_world, scored, tmp_path, capsys):
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     assert sum(p.numel() for p in student.parameters()) == report["student"]["params"]
     assert "schedule: teacher -> " in stdout and "exhaustive: best student P" in stdout
+    # the text was tokenised once, into OUTPUT.token-cache/: the 5 distillations read that store
+    assert len(builds) == 1 and builds[0].parent == tmp_path / "schedule.token-cache"
+
+
+def test_schedule_reuses_its_token_cache(tiny_world, scored, tmp_path, capsys, builds):
+    out = tmp_path / "plan"
+    args = schedule_args(tiny_world, scored, out, "--student-ratio", "0.3", "--sparsities",
+                         "0,30", "--sandwich-steps", "2", "--plan-only")
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    cache = tmp_path / "plan.token-cache"
+    assert len(builds) == 1 and [p.name for p in cache.iterdir()] == [builds[0].name]
+    first = json.loads((out / "schedule.json").read_text())
+    code, _, err = run_cli([*args, "--force"], capsys)
+    assert code == 0, err
+    assert len(builds) == 1  # the second run opened the cached store: no rebuild
+    again = json.loads((out / "schedule.json").read_text())
+    assert again["candidates"] == first["candidates"] and again["chosen"] == first["chosen"]
 
 
 def test_schedule_plan_only_writes_the_table_and_no_model(tiny_world, scored, tmp_path, capsys):

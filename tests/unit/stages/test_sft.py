@@ -349,3 +349,127 @@ def test_a_tokenizer_without_chatml_tokens_gets_them(world, tmp_path, capsys):
     assert tok.convert_tokens_to_ids("<|im_start|>") in ids["input_ids"]
     code, _, err = run_cli([*args, "--teacher", base, "--force"], capsys)
     assert code == 2 and "no chat template and no <|im_start|> / <|im_end|>" in err
+
+
+def test_on_policy_prompts_are_the_conversation_before_the_first_reply(tokenizer):
+    """Each example of a (packed, padded) batch gives one prompt: what `minima eval` would
+    prompt with for its first assistant turn, opener included."""
+    from minima_cli.stages.sft import chat_prompts, longest_prompt
+
+    examples = encode_conversations(tokenizer, CHATML_TEMPLATE, CONVERSATIONS)
+    rows = make_rows(examples, 96, packing=True)
+    assert len(rows) < len(examples)  # several examples share a row
+    batch = collate(rows, pad_id=1)
+    prompts = chat_prompts(batch["input_ids"], batch["labels"], batch["position_ids"])
+    by_ids = {tuple(e.ids): messages for e, messages in zip(examples, CONVERSATIONS,
+                                                            strict=True)}
+    expected = []
+    for row in rows:
+        for example in row:
+            messages = by_ids[tuple(example.ids)]
+            first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            expected.append(chat_prompt(tokenizer, messages[:first]))
+    assert [tokenizer.decode(p) for p in prompts] == expected
+    assert longest_prompt(rows) == max(len(p) for p in prompts)
+
+
+def perturbed_teacher(world, directory):
+    """The world's model with noise on its weights (and its tokenizer): a teacher that differs."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(world / "teacher")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (world / "teacher" / name).is_file():
+            shutil.copy(world / "teacher" / name, directory / name)
+    return directory
+
+
+def test_on_policy_sft(world, tmp_path, capsys, monkeypatch):
+    """lambda 0 with a teacher is bitwise the run without the step hook; lambda 1, greedy: the
+    logged loss of step 1 is forward KL on the model's own answers to the batch's prompts (a
+    naive loop per example, no cache, no padding), generated tokens only."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minima_cli.stages import sft
+
+    teacher = perturbed_teacher(world, tmp_path / "teacher")
+    steps = ["--max-steps", "2", "--teacher", teacher]
+    flagged, plain = tmp_path / "flagged", tmp_path / "plain"
+    assert run_cli([*sft_args(world, flagged, *steps), "--on-policy", "0"], capsys)[0] == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(sft, "OnPolicy", lambda *args, **kwargs: None)
+        assert run_cli(sft_args(world, plain, *steps), capsys)[0] == 0
+    assert len({hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+                for out in (flagged, plain)}) == 1
+
+    batches = []
+    original = sft.make_loss_fn
+
+    def spy(*args, **kwargs):
+        loss_fn = original(*args, **kwargs)
+
+        def recording(model, batch):
+            batches.append({k: v.clone() for k, v in batch.items()})
+            return loss_fn(model, batch)
+
+        return recording
+
+    monkeypatch.setattr(sft, "make_loss_fn", spy)
+    out, new = tmp_path / "on-policy", 5
+    code, _, err = run_cli([*sft_args(world, out, *steps), "--on-policy", "1",
+                            "--gen-temperature", "0", "--gen-tokens", str(new)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["on_policy"] for r in records] == [1, 1]
+
+    from minima_cli.evaluation.generation import stop_token_ids
+    from minima_cli.stages.sft import chat_prompts
+
+    student = AutoModelForCausalLM.from_pretrained(world / "teacher").eval()
+    scorer = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    tok = AutoTokenizer.from_pretrained(world / "teacher")
+    vocab, stops = len(tok), stop_token_ids(tok)
+    per_token, generated = [], 0
+    with torch.no_grad():
+        batch = batches[0]
+        for prompt in chat_prompts(batch["input_ids"], batch["labels"], batch["position_ids"]):
+            sequence = list(prompt)
+            for _ in range(new):
+                token = int(student(input_ids=torch.tensor([sequence])).logits[0, -1,
+                                                                                :vocab].argmax())
+                sequence.append(token)
+                if token in stops:
+                    break
+            generated += len(sequence) - len(prompt)
+            ids = torch.tensor([sequence])
+            log_p = scorer(input_ids=ids).logits[0, len(prompt) - 1:-1, :vocab].log_softmax(-1)
+            log_q = student(input_ids=ids).logits[0, len(prompt) - 1:-1, :vocab].log_softmax(-1)
+            per_token.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    assert records[0]["generated_tokens"] == generated
+    assert records[0]["loss"] == pytest.approx(torch.cat(per_token).mean().item(), rel=1e-5)
+    metrics = json.loads((out / "minima.json").read_text())["metrics"]
+    assert metrics["on_policy_steps"] == 2
+    assert metrics["generated_tokens"] == sum(r["generated_tokens"] for r in records)
+
+
+def test_bad_on_policy_sft_inputs(world, tmp_path, capsys):
+    cases = [
+        (["--on-policy", "0.5"], "--on-policy needs --teacher"),
+        (["--on-policy", "1", "--teacher", world / "teacher", "--gen-tokens", "250"],
+         "+ --gen-tokens 250 exceed the model's 256 positions"),
+    ]
+    out = tmp_path / "out"
+    for extra, message in cases:
+        code, _, err = run_cli([*sft_args(world, out), *extra], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, lines)
+        assert not out.exists() and not (tmp_path / "out.run").exists()

@@ -1,15 +1,19 @@
-"""MFU as a reported figure: distill's log and manifest, score's and eval's manifests, the peak
-(given, listed, measured and cached) and --peak-tflops' bounds."""
+"""MFU as a reported figure: distill's log and manifest (a resumed run's speed from its own
+steps), score's and eval's manifests, the peak (given, listed, measured and cached) and
+--peak-tflops' bounds; --compile reaching the models with their parameter names unchanged
+(compiled-vs-eager numerics: tests/integration/test_compile.py)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import distill_args, run_cli
 
 from minima_cli.cli.app import main
+from minima_cli.errors import MinimaError
 from minima_cli.model.arch import ModelShape, shape_from_config
 from minima_cli.model.checkpoint import load_config, resolve_model
 from minima_cli.training.flops import (
@@ -92,3 +96,85 @@ def test_the_peak_is_given_else_measured_once_at_the_models_shapes(tmp_path, mon
         "flops_per_token": 100.0, "tflops": 500.0 / 1e12, "mfu": 0.5}
     if torch.cuda.is_available():  # a listed GPU reports its data-sheet peak
         assert resolve_peak(None, "cuda", "bf16", [shape], 64)[1] in ("listed", "measured")
+
+
+def stop_before_the_model_is_written(monkeypatch) -> None:
+    """The next distill trains every step, checkpoints and then fails where the model would be
+    written: OUTPUT.run keeps the last checkpoint, as after a kill."""
+    def stop(*args, **kwargs):
+        raise MinimaError("stopped before writing the model")
+
+    monkeypatch.setattr("minima_cli.stages.distill.save_final_model", stop)
+
+
+def test_a_resumed_run_reports_the_speed_of_its_own_steps(tiny_world, pruned, tmp_path,
+                                                          monkeypatch):
+    out = tmp_path / "student"
+    args = [*distill_args(tiny_world, pruned, out, steps=4), "--peak-tflops", str(PEAK)]
+    with monkeypatch.context() as patch:
+        stop_before_the_model_is_written(patch)
+        assert main(args) == 2
+    assert main([*args, "--resume"]) == 0  # from step 2's checkpoint: steps 3 and 4 run here
+    manifest = json.loads((out / "minima.json").read_text())
+    metrics, tokens_per_step = manifest["metrics"], 4 * 32
+    assert metrics["tokens"] == 4 * tokens_per_step  # the model saw the whole run's tokens
+    # ...but this process trained 2 steps in wall_time_s: not 4 steps' tokens over 2 steps' time
+    assert metrics["tokens_per_s"] * manifest["wall_time_s"] == pytest.approx(2 * tokens_per_step)
+    assert metrics["mfu"] == pytest.approx(
+        metrics["flops_per_token"] * metrics["tokens_per_s"] / (PEAK * 1e12))
+
+
+def fake_compile(calls: list):
+    """torch.compile without compiling: records what it is given and returns what it returns,
+    a module wrapped in an OptimizedModule (names `_orig_mod.*`), a function as it is."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    def compile(target, *args, **kwargs):
+        calls.append(target)
+        return OptimizedModule(target, lambda f: f) if isinstance(target, torch.nn.Module) \
+            else target
+
+    return compile
+
+
+def test_compile_reaches_student_and_teacher_and_keeps_parameter_names(tiny_world, pruned,
+                                                                        tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from minima_cli.model.checkpoint import load_model
+
+    calls: list = []
+    monkeypatch.setattr(torch, "compile", fake_compile(calls))
+    out = tmp_path / "student"
+    args = [*distill_args(tiny_world, pruned, out, steps=4), "--compile"]
+    with monkeypatch.context() as patch:
+        stop_before_the_model_is_written(patch)
+        assert main(args) == 2
+    # each model's own forward, compiled in place (nn.Module.compile), not the model wrapped
+    modules = [getattr(call, "__self__", call) for call in calls]
+    assert sorted(m.config.num_hidden_layers for m in modules) == sorted(
+        [load_model(resolve_model(str(path))).config.num_hidden_layers
+         for path in (pruned, tiny_world / "teacher")])  # the student and the teacher
+    names = set(load_model(resolve_model(str(pruned))).state_dict())
+    checkpoint = sorted((out.parent / "student.run" / "checkpoints").glob("step-*"))[-1]
+    assert set(load_file(checkpoint / "model.safetensors")) <= names  # no `_orig_mod.`
+    assert main([*args, "--resume"]) == 0  # a compiled run resumes from its checkpoint
+    saved = set(load_file(out / "model.safetensors"))
+    assert saved and saved <= names
+    assert json.loads((out / "minima.json").read_text())["config"]["compile"] is True
+
+
+def test_compile_is_refused_where_it_would_not_run(tiny_world, pruned, tmp_path, capsys,
+                                                   monkeypatch):
+    from minima_cli.training.config import TrainConfig
+    from minima_cli.training.loop import open_session
+
+    zero2 = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed" / "zero2.json"
+    code, _, err = run_cli([*distill_args(tiny_world, pruned, tmp_path / "s", steps=1),
+                            "--compile", "--deepspeed", zero2], capsys)
+    assert code == 2 and err.strip() == "error: --compile runs in one process without " \
+        "DeepSpeed: drop --compile or --deepspeed"
+    assert not (tmp_path / "s").exists() and not (tmp_path / "s.run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun
+    with pytest.raises(MinimaError, match="--compile runs in one process"):
+        open_session(TrainConfig(compile=True))
