@@ -251,6 +251,9 @@ def trl_seconds(paths, blocks, out: Path, args) -> float:
         bf16=args.precision == "bf16", fp16=False, use_cpu=True, seed=0,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+        # TRL turns activation checkpointing on by default; minima and the floor keep
+        # activations, so the comparison does too
+        gradient_checkpointing=False,
     )
     clock = StepClock()
     with quiet_transformers():

@@ -63,7 +63,8 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the student (and the teacher's forward): "
                            "faster steps after a compile of minutes, results within rounding "
                            "of eager. One process only: refused with --deepspeed or several "
-                           "processes.", hashed=False, source="hardware")
+                           "processes, and with --on-policy (a recompile per generated "
+                           "length).", hashed=False, source="hardware")
     deepspeed: str | None = option(None, "DeepSpeed JSON config (e.g. "
                                    "recipes/deepspeed/zero3.json); launch with torchrun or "
                                    "accelerate launch for several processes.", kind="file",
@@ -184,6 +185,9 @@ class OnPolicyOptions:
                               f"got {self.gen_temperature}")
         if not 0 < self.gen_top_p <= 1:
             raise OptionError("gen_top_p", f"--gen-top-p {self.gen_top_p} must be in (0, 1]")
+        if self.on_policy > 0 and getattr(self, "compile", False):
+            raise OptionError("compile", "--compile with --on-policy would recompile the models "
+                              "for every generated length: drop one of them")
         if self.seq_kd and not self.on_policy > 0:
             raise OptionError("seq_kd", "--seq-kd needs --on-policy > 0: the fraction of steps "
                               "on which the teacher generates")

@@ -57,7 +57,8 @@ LossFn = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str,
 
 class StepHook(Protocol):
     """What a stage may follow the loop's steps with (training/on_policy.py's OnPolicy): the
-    optimizer step about to run, and the fields it adds to that step's log record."""
+    optimizer step about to run, and the fields it adds to that step's log record (with
+    `step_tokens`, the tokens the step trained on, which its tokens/s and MFU then count)."""
 
     bar_keys: tuple[str, ...]  # record fields the progress bar shows
 
@@ -596,6 +597,7 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                   **{key: float("nan") for key in (step_hook.bar_keys if step_hook else ())}}
     start = time.perf_counter()
     done = first_step
+    tokens_run = 0  # trained in this process (a hook may count a step's own tokens)
     try:
         with step_progress(description, total_steps, enabled=progress and session.is_main,
                            **bar_fields) as bar:
@@ -613,8 +615,10 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                           "step_s": time.perf_counter() - step_start}
                 if step_hook is not None:
                     record.update(step_hook.end_step(record["step_s"]))
+                step_tokens = record.get("step_tokens", tokens_per_step)
+                tokens_run += step_tokens
                 if throughput is not None:
-                    record.update(throughput.figures(tokens_per_step / record["step_s"]))
+                    record.update(throughput.figures(step_tokens / record["step_s"]))
                 if done % config.eval_every == 0 or done == total_steps:
                     with autocast(session, bf16):
                         record["valid_loss"] = evaluate_fn(model)
@@ -624,7 +628,7 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
                     metrics.update(valid_loss=record["valid_loss"],
                                    valid_perplexity=record["valid_perplexity"])
                 log.write(record)
-                bar.update(tokens_per_step, **{key: record[key] for key in bar_fields})
+                bar.update(step_tokens, **{key: record[key] for key in bar_fields})
                 if done % config.save_every == 0 and done < total_steps:
                     # a finite loss does not make the updated weights finite: a checkpoint is
                     # only written of weights a resumed run can use
@@ -639,7 +643,7 @@ def train(*, session, model: torch.nn.Module, loss_fn: LossFn, stream: Any,
     finally:
         log.close()
     return TrainResult(model, metrics, total_steps, total_steps * tokens_per_step,
-                       time.perf_counter() - start, (total_steps - first_step) * tokens_per_step)
+                       time.perf_counter() - start, tokens_run)
 
 
 def diverged_message(error: BaseException, step: int, total_steps: int, clip: float,

@@ -150,7 +150,7 @@ def scoring_batch(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
     packed-sequence mask keeps it apart, as in sft's batches). `labels` hold the next token on
     positions whose next token was generated (prompt, padding and anything after a stop token
     get IGNORE_INDEX): the loss counts generated tokens only. Also `tokens`: real generated
-    tokens."""
+    tokens, and `sequence_tokens`: real prompt + generated tokens (what the step trains on)."""
     batch, width_p = prompt_ids.shape
     device = prompt_ids.device
     prompt_lens = (prompt_mask.sum(-1) if prompt_mask is not None
@@ -169,7 +169,7 @@ def scoring_batch(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
     counted = (at[None, :] >= prompt_lens[:, None] - 1) & (at[None, :] < lengths[:, None] - 1)
     labels = torch.where(counted, targets, IGNORE_INDEX)
     return {"input_ids": input_ids, "position_ids": positions, "labels": labels,
-            "tokens": gen_lens.sum()}
+            "tokens": gen_lens.sum(), "sequence_tokens": lengths.sum()}
 
 
 def plain_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -206,21 +206,26 @@ class OnPolicy:
         self.on_policy = is_on_policy_step(self.seed, step, self.options.on_policy)
         self.seconds = {"generate": 0.0, "teacher": 0.0}
         self.events: list[tuple[str, Any, Any]] = []
-        self.generated = torch.zeros((), dtype=torch.long, device=self.device)
+        # [generated, scored sequence tokens] of this step on this rank
+        self.counts = torch.zeros(2, dtype=torch.long, device=self.device)
 
     def end_step(self, step_s: float) -> dict[str, float]:
         if self.events:
             torch.cuda.synchronize(self.device)
             for part, start, end in self.events:
                 self.seconds[part] += start.elapsed_time(end) / 1000
-        generated = self.generated
+        counts = self.counts
         if self.on_policy and self.world_size > 1 and torch.distributed.is_initialized():
-            generated = generated.clone()
-            torch.distributed.all_reduce(generated)  # every rank decides the same steps
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)  # every rank decides the same steps
+        generated, sequence_tokens = (int(n) for n in counts)
         spent = self.seconds["generate"] + self.seconds["teacher"]
         return {"on_policy": int(self.on_policy), "generate_s": self.seconds["generate"],
                 "teacher_s": self.seconds["teacher"], "student_s": max(0.0, step_s - spent),
-                "generated_tokens": int(generated)}
+                "generated_tokens": generated,
+                # a generating step trains on prompt + generation, not --seq-len blocks: the
+                # loop counts these tokens for the step's tokens/s and MFU
+                **({"step_tokens": sequence_tokens} if self.on_policy else {})}
 
     @contextlib.contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -261,7 +266,7 @@ class OnPolicy:
                 generator=generator, eos_ids=self.eos_ids, synced=self.synced,
                 vocab_size=self.vocab_size, pad_id=self.pad_id)
         scored = scoring_batch(prompt_ids, prompt_mask, gen_ids, gen_mask, self.pad_id)
-        self.generated += scored.pop("tokens")
+        self.counts += torch.stack([scored.pop("tokens"), scored.pop("sequence_tokens")])
         return scored
 
     def kd_on_generated(self, student: torch.nn.Module, teacher: torch.nn.Module,

@@ -256,6 +256,11 @@ def test_greedy_on_policy_loss_equals_a_hand_computation(tiny_world, pruned, tmp
             per_token.append((log_p.exp() * (log_p - log_q)).sum(-1))
     expected = torch.cat(per_token).mean().item()
     assert record["generated_tokens"] == generated
+    # the step trained on prompt + generated tokens (not --seq-len blocks): its tokens/s and
+    # MFU count those
+    assert record["step_tokens"] == 2 * prompt + generated
+    assert record["tflops"] * 1e12 == pytest.approx(
+        record["flops_per_token"] * record["step_tokens"] / record["step_s"], rel=1e-9)
     assert record["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     assert record["kd"] == record["loss"]  # KD only on an on-policy step
     metrics = json.loads((out / "minima.json").read_text())["metrics"]
@@ -280,6 +285,7 @@ def test_bad_on_policy_inputs(tiny_world, pruned, tmp_path, capsys):
         (["--on-policy", "1", "--gen-temperature", "-1"], "--gen-temperature must be >= 0"),
         (["--seq-kd"], "--seq-kd needs --on-policy > 0"),
         (["--on-policy", "1", "--hidden-weight", "1"], "--on-policy with --hidden-weight"),
+        (["--on-policy", "0.5", "--compile"], "--compile with --on-policy would recompile"),
     ]
     capsys.readouterr()
     out = tmp_path / "out"
