@@ -90,6 +90,10 @@ def test_round_trip_across_shards_in_order(tmp_path: Path, corpus: list[str], to
     assert np.array_equal(store.tokens(boundary - 7, boundary + 9), flat[boundary - 7:boundary + 9])
     assert store.flat[boundary] == flat[boundary] and store.flat[-1] == flat[-1]
     assert np.array_equal(store.lengths(), [len(e) for e in expected])
+    longest = int(np.argmax(store.lengths()))  # a part of a document, clipped to its end
+    for start, stop in ((0, 3), (5, 9), (len(expected[longest]) - 2, 10**6), (10**6, 10**6 + 1)):
+        assert store.document_part(longest, start, stop).tolist() == \
+            expected[longest][start:stop]
     # two worker processes give the same bytes as one process
     import minima_cli.data.store as store_module
 
