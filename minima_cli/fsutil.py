@@ -24,8 +24,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from minima_cli import __version__
 from minima_cli.errors import MinimaError
 
@@ -331,6 +329,7 @@ def atomic_write_text(path: Path, text: str, fault: str = "write") -> None:
 
 def write_manifest(directory: Path, stage: str, **fields: Any) -> dict[str, Any]:
     """Write `minima.json`: stage, inputs (with hashes), config, metrics, versions, wall time."""
+    import torch  # here, not at the top: reading a store or a manifest needs no torch
     import transformers
 
     manifest = {
