@@ -117,7 +117,6 @@ def sft_student(paths: dict[str, Path], student: Path, out: Path, lam: float, st
                 lr: float, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """`sft --teacher CHAT_TEACHER` of `student`: the manifest plus `train_s`, the sum of its
     log's step times (training alone: no load, no validation, no save), and `generate_s`."""
-    # config.teacher too: SftConfig.check refuses --on-policy without it
     config = SftConfig(teacher=str(paths["teacher"]), seq_len=args.seq_len,
                        batch_size=args.batch_size, max_steps=steps, lr=lr, loss=args.loss,
                        alpha=0.0, beta=args.beta, on_policy=lam, gen_tokens=args.gen_tokens,
@@ -125,7 +124,7 @@ def sft_student(paths: dict[str, Path], student: Path, out: Path, lam: float, st
                        eval_every=steps, save_every=10 * steps, precision="fp32",
                        tensorboard=False)
     manifest = run_sft(model_path=str(student), data=str(paths["train"]), output=out,
-                       config=config, teacher_path=str(paths["teacher"]), progress=False)
+                       config=config, progress=False)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     manifest["train_s"] = sum(r["step_s"] for r in records)
     manifest["generate_s"] = sum(r.get("generate_s", 0.0) for r in records)

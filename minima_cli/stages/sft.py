@@ -196,8 +196,9 @@ def prepare_chat(data: str, tokenizer: Any, template: str, config: SftConfig, *,
 
 
 def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
-            teacher_path: str | None = None, valid_data: str | None = None,
             resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """The teacher and the validation data are the config's (`teacher`, `valid_data`): the
+    values its checks judge."""
     config.check()
     run_dir = training_run_dir(output, force=force, resume=resume)
     source = resolve_model(model_path)
@@ -209,7 +210,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
         console.print(f"[dim]--seq-len {config.seq_len} (default: the smaller of "
                       f"{DEFAULT_SEQ_LEN} and the model's positions)[/dim]")
     tokenizer = load_tokenizer(source)
-    teacher_src = resolve_model(teacher_path) if teacher_path else None
+    teacher_src = resolve_model(config.teacher) if config.teacher else None
     if teacher_src is not None and config.loss == "topk" and config.topk > len(tokenizer):
         raise MinimaError(f"--topk {config.topk} exceeds the vocabulary ({len(tokenizer)} "
                           "tokens)")
@@ -229,7 +230,7 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
                              special_tokens=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
         tokenizer.eos_token_id or 0)
-    chat = prepare_chat(data, tokenizer, template, config, valid_data=valid_data,
+    chat = prepare_chat(data, tokenizer, template, config, valid_data=config.valid_data,
                         progress=progress)
     chat.summary["seq_len_auto"] = auto_seq_len
     max_positions = getattr(load_config(source), "max_position_embeddings", None)
@@ -256,10 +257,8 @@ def run_sft(*, model_path: str, data: str, output: Path, config: SftConfig,
     throughput = training_throughput(
         session, config, shape_from_config(model.config),
         shape_from_config(load_config(teacher_src)) if teacher_src is not None else None)
-    on_policy = OnPolicy(config, seed=config.seed, rank=session.rank,
-                         world_size=session.world_size, device=session.device,
-                         synced=session.deepspeed_stage == 3, eos_ids=stop_token_ids(tokenizer),
-                         pad_id=pad_id, vocab_size=len(tokenizer), unwrap=session.unwrap)
+    on_policy = OnPolicy.for_session(config, session, eos_ids=stop_token_ids(tokenizer),
+                                     pad_id=pad_id, vocab_size=len(tokenizer))
     result = train(session=session, model=model,
                    loss_fn=make_loss_fn(config, teacher, len(tokenizer), on_policy),
                    stream=stream, valid_blocks=None, config=config, run_dir=run_dir,
@@ -318,5 +317,5 @@ def save_chat_template(directory: Path, tokenizer: Any) -> None:
 
 def run(config: SftConfig, control: RunControl) -> dict[str, Any] | None:
     return run_sft(model_path=config.model, data=config.data, output=Path(config.output),
-                   config=config, teacher_path=config.teacher, valid_data=config.valid_data,
-                   resume=control.resume, force=control.force, progress=control.progress)
+                   config=config, resume=control.resume, force=control.force,
+                   progress=control.progress)
