@@ -248,12 +248,9 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
     student = load_model(student_src)
     stream = prepared.stream(config.batch_size, rank=session.rank,
                              world_size=session.world_size)
-    on_policy = OnPolicy(config, seed=config.seed, rank=session.rank,
-                         world_size=session.world_size, device=session.device,
-                         synced=session.deepspeed_stage == 3,
-                         eos_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
-                         else [], pad_id=tokenizer.eos_token_id or 0,
-                         vocab_size=len(tokenizer), unwrap=session.unwrap)
+    on_policy = OnPolicy.for_session(
+        config, session, eos_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
+        else [], pad_id=tokenizer.eos_token_id or 0, vocab_size=len(tokenizer))
     loss_fn = make_loss_fn(config, teacher=teacher, cache=cache, stream=stream,
                            vocab_size=len(tokenizer), hidden=hidden, on_policy=on_policy)
     run_id = {"config": config.fingerprint(), "data": prepared.fingerprint,

@@ -200,6 +200,16 @@ class OnPolicy:
         self.bar_keys = ("generate_s", "teacher_s", "student_s") if options.on_policy > 0 else ()
         self.begin_step(0)
 
+    @classmethod
+    def for_session(cls, config: Any, session: Any, *, eos_ids: Sequence[int], pad_id: int,
+                    vocab_size: int) -> OnPolicy:
+        """The hook of a run of `config` (OnPolicyOptions with a seed) in a training session:
+        its rank, world, device and model wrapper; ZeRO-3 generates in step across ranks."""
+        return cls(config, seed=config.seed, rank=session.rank, world_size=session.world_size,
+                   device=session.device, synced=session.deepspeed_stage == 3,
+                   eos_ids=eos_ids, pad_id=pad_id, vocab_size=vocab_size,
+                   unwrap=session.unwrap)
+
     # ------------------------------------------------------------------ the loop's step hook
     def begin_step(self, step: int) -> None:
         self.step, self.micro = step, 0

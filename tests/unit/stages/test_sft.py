@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -406,7 +407,8 @@ def test_on_policy_sft(world, tmp_path, capsys, monkeypatch):
     flagged, plain = tmp_path / "flagged", tmp_path / "plain"
     assert run_cli([*sft_args(world, flagged, *steps), "--on-policy", "0"], capsys)[0] == 0
     with monkeypatch.context() as patch:
-        patch.setattr(sft, "OnPolicy", lambda *args, **kwargs: None)
+        patch.setattr(sft, "OnPolicy",
+                      SimpleNamespace(for_session=lambda *args, **kwargs: None))
         assert run_cli(sft_args(world, plain, *steps), capsys)[0] == 0
     assert len({hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
                 for out in (flagged, plain)}) == 1
