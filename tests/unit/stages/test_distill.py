@@ -4,6 +4,7 @@ with --resume ends bitwise equal to an uninterrupted one, and bad inputs fail in
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,7 +193,8 @@ def test_on_policy_zero_is_bitwise_the_run_without_it(tiny_world, pruned, tmp_pa
 
     flagged, plain = tmp_path / "flagged", tmp_path / "plain"
     assert main([*distill_args(tiny_world, pruned, flagged, steps=4), "--on-policy", "0"]) == 0
-    monkeypatch.setattr(distill, "OnPolicy", lambda *args, **kwargs: None)
+    monkeypatch.setattr(distill, "OnPolicy",
+                        SimpleNamespace(for_session=lambda *args, **kwargs: None))
     assert main(distill_args(tiny_world, pruned, plain, steps=4)) == 0
     digests = {hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
                for out in (flagged, plain)}
@@ -265,6 +267,56 @@ def test_greedy_on_policy_loss_equals_a_hand_computation(tiny_world, pruned, tmp
     assert record["kd"] == record["loss"]  # KD only on an on-policy step
     metrics = json.loads((out / "minima.json").read_text())["metrics"]
     assert metrics["on_policy_steps"] == 1 and metrics["generated_tokens"] == generated
+
+
+def test_on_policy_in_bf16_generates_and_scores_in_bf16(tiny_world, pruned, tmp_path,
+                                                         monkeypatch):
+    """--precision bf16: the student generates under bf16 autocast, and step 1's loss is the
+    forward KL, on the generated tokens, of the bf16 teacher and the autocast student on the very
+    sequences the run scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minima_cli.losses import IGNORE_INDEX
+    from minima_cli.training import on_policy
+
+    head_dtypes, scored_batches = [], []
+    original_generate, original_kd = on_policy.generate, on_policy.OnPolicy.kd_on_generated
+
+    def generate(model, *args, **kwargs):
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, inputs, output: head_dtypes.append(output.dtype))
+        try:
+            return original_generate(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    def kd_on_generated(self, student, teacher, scored, *args, **kwargs):
+        scored_batches.append({key: value.clone() for key, value in scored.items()})
+        return original_kd(self, student, teacher, scored, *args, **kwargs)
+
+    monkeypatch.setattr(on_policy, "generate", generate)
+    monkeypatch.setattr(on_policy.OnPolicy, "kd_on_generated", kd_on_generated)
+    out = tmp_path / "bf16"
+    assert main([*distill_args(tiny_world, pruned, out, steps=1), "--precision", "bf16",
+                 "--batch-size", "2", "--on-policy", "1", "--gen-temperature", "0",
+                 "--gen-tokens", "6", "--prompt-tokens", "10"]) == 0
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert record["on_policy"] == 1 and record["generated_tokens"] > 0
+    assert head_dtypes and set(head_dtypes) == {torch.bfloat16}
+
+    vocab = len(AutoTokenizer.from_pretrained(pruned))
+    student = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_world / "teacher",
+                                                   dtype=torch.bfloat16).eval()
+    scored = scored_batches[0]
+    inputs = {"input_ids": scored["input_ids"], "position_ids": scored["position_ids"]}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        log_q = student(**inputs).logits.float()[..., :vocab].log_softmax(-1)
+        log_p = teacher(**inputs).logits.float()[..., :vocab].log_softmax(-1)
+    counted = scored["labels"] != IGNORE_INDEX
+    assert int(counted.sum()) == record["generated_tokens"]
+    expected = (log_p.exp() * (log_p - log_q)).sum(-1)[counted].mean().item()
+    assert record["loss"] == pytest.approx(expected, rel=1e-2)
 
 
 def test_bad_on_policy_inputs(tiny_world, pruned, tmp_path, capsys):
