@@ -24,9 +24,14 @@ Sides, each round in a rotated order (bench/distill.py's `interleaved`):
 - floor: teacher forward (no_grad) + student forward, `logits.mean()` backward, fused AdamW in a
   bare loop (bench/distill.py's `floor_seconds`).
 - minima: `run_distill` (alpha 0, forward KL, T 1), timed between optimizer-step ends.
-- minima-cache: `run_distill --teacher-cache` (top-64 from `minima cache-teacher`, built once
-  before the rounds): no teacher forward. Its MFU counts the student's FLOPs only (6N); its
-  speed is compared with the online floor's tokens/s.
+- minima-cache: `run_distill --teacher-cache --loss topk --alpha 0` (top-64 renorm from
+  `minima cache-teacher`, built once before the rounds): no teacher forward, and the sparse
+  head (the student's logits at the 64 cached tokens only, docs/losses.md). Its MFU counts the
+  student's FLOPs with 64 rows of the lm_head; its speed is compared with the online floor's.
+- cache-full-head: the same run with the student's whole lm_head (as before the sparse head):
+  the sparse head's lever, and its MFU counts the full 6N.
+- minima-topk (--online-topk): the online teacher with the same top-64 loss and sparse head;
+  another loss than TRL's full forward KL, so it is printed against TRL without a verdict.
 - trl: `GKDTrainer(lmbda 0, beta 0, seq_kd False)`, same batch, lr, clip, fused AdamW.
 
 Every side's FLOPs per token: `training.flops.distill_flops_per_token` (student 6N + teacher 2N
@@ -42,12 +47,14 @@ Every side's FLOPs per token: `training.flops.distill_flops_per_token` (student 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +66,7 @@ import distill as base  # noqa: E402  (bench/distill.py: floor, minima, TRL side
 from distill_smollm2 import smollm2_gguf  # noqa: E402
 from realtext import real_documents, split_by_document, write_jsonl  # noqa: E402
 
+import minima_cli.stages.distill as distill_stage  # noqa: E402
 from minima_cli.model.arch import shape_from_config  # noqa: E402
 from minima_cli.model.checkpoint import (  # noqa: E402
     load_model,
@@ -131,18 +139,33 @@ def build_cache(paths: dict[str, Path], root: Path, args: argparse.Namespace) ->
     return out
 
 
-def cache_seconds(paths: dict[str, Path], cache: Path, root: Path,
-                  args: argparse.Namespace) -> float:
-    """Seconds per step of `minima distill --teacher-cache` (top-64), between step ends."""
+@contextlib.contextmanager
+def full_head() -> Iterator[None]:
+    """`minima distill` as it ran before the sparse head: the student's whole lm_head and the
+    loss on its full logits, even where top-k renorm without CE needs only k of them."""
+    original = distill_stage.sparse_head_applies
+    distill_stage.sparse_head_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        distill_stage.sparse_head_applies = original
+
+
+def topk_seconds(paths: dict[str, Path], cache: Path | None, root: Path,
+                 args: argparse.Namespace, sparse: bool = True) -> float:
+    """Seconds per step of `minima distill --loss topk --topk 64 --alpha 0` (renorm), between
+    step ends: from the teacher cache, or online when `cache` is None; `sparse=False` with the
+    student's full lm_head."""
     config = DistillConfig(loss="topk", topk=TOPK, alpha=0.0, temperature=1.0,
                            seq_len=args.seq_len, batch_size=args.batch_size, lr=base.LR,
                            max_steps=args.steps, save_every=10 * args.steps,
                            eval_every=10 * args.steps, valid_fraction=args.valid_fraction,
                            seed=0, precision=args.precision, tensorboard=False)
-    with base.step_clock() as ends:
-        run_distill(teacher_path=None, teacher_cache=str(cache),
+    teacher = None if cache else str(paths["teacher"])
+    with base.step_clock() as ends, contextlib.nullcontext() if sparse else full_head():
+        run_distill(teacher_path=teacher, teacher_cache=str(cache) if cache else None,
                     student_path=str(paths["student"]), data=str(paths["data"]),
-                    output=root / "m-cache", config=config, force=True, progress=False)
+                    output=root / "m-topk", config=config, force=True, progress=False)
     return (ends[-1] - ends[args.warmup_steps - 1]) / (args.steps - args.warmup_steps)
 
 
@@ -174,6 +197,9 @@ def main() -> None:
     parser.add_argument("--valid-fraction", type=float, default=0.02)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-cache", action="store_true")
+    parser.add_argument("--online-topk", action="store_true",
+                        help="also time the online teacher with --loss topk --alpha 0 (the "
+                        "sparse head): another loss than TRL's, so no verdict")
     args = parser.parse_args()
     if not 0 < args.warmup_steps < args.steps:
         parser.error("need 0 < --warmup-steps < --steps")
@@ -196,6 +222,9 @@ def main() -> None:
         del teacher, student
         online = distill_flops_per_token(s_shape, t_shape, args.seq_len)
         student_only = distill_flops_per_token(s_shape, None, args.seq_len)
+        # the sparse head computes TOPK rows of the student's lm_head, not vocab
+        sparse_student = distill_flops_per_token(s_shape, None, args.seq_len, TOPK)
+        sparse_online = distill_flops_per_token(s_shape, t_shape, args.seq_len, TOPK)
         cache = None if args.skip_cache else build_cache(paths, root, args)
         tokens = args.batch_size * args.seq_len
         print(f"pair {args.pair}: teacher {n_t / 1e6:.1f}M params ({t_shape.layers} layers, "
@@ -213,14 +242,19 @@ def main() -> None:
             "minima": lambda: base.minima_seconds(paths, root, args),
         }
         if cache is not None:
-            sides["minima-cache"] = lambda: cache_seconds(paths, cache, root, args)
+            sides["minima-cache"] = lambda: topk_seconds(paths, cache, root, args)
+            sides["cache-full-head"] = lambda: topk_seconds(paths, cache, root, args, False)
+        if args.online_topk:
+            sides["minima-topk"] = lambda: topk_seconds(paths, None, root, args)
         if not args.skip_trl:
             sides["trl"] = lambda: base.trl_seconds(paths, blocks, root / "trl", args)
         results = base.interleaved(sides, args.repeats)
 
     peaks = results.pop("peak")
     results["floor"] = [t + s for t, s in results["floor"]]
-    flops = {name: student_only if name == "minima-cache" else online for name in results}
+    flops = {name: online for name in results}
+    flops.update({"minima-cache": sparse_student, "cache-full-head": student_only,
+                  "minima-topk": sparse_online})
     print(f"\nmatmul peak at the models' shapes ({args.precision}): "
           f"{statistics.median(peaks) / 1e9:.0f} GFLOP/s (rounds: "
           + " ".join(f"{p / 1e9:.0f}" for p in peaks) + ")")
@@ -253,6 +287,12 @@ def main() -> None:
     if "minima-cache" in results:
         verdict("teacher-cache tokens/s / online floor",
                 base.paired(results["floor"], results["minima-cache"]), CACHE_GOAL)
+        print(f"  {'sparse head: cache tokens/s / full-head cache':<44}"
+              f"{base.paired(results['cache-full-head'], results['minima-cache']):>8.3f}x")
+    if "minima-topk" in results and "trl" in results:
+        print(f"  {'online top-k (sparse head) / TRL tokens/s':<44}"
+              f"{base.paired(results['trl'], results['minima-topk']):>8.3f}x"
+              "  (another loss: top-64 renorm vs TRL's full forward KL)")
     print("PASS" if all(verdicts) else "MISS", f"({args.pair}, {args.precision}, load average "
           f"{os.getloadavg()[0]:.1f})")
 

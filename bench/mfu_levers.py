@@ -20,6 +20,12 @@ clip, fused AdamW):
 - `compiled`: `minima distill --compile`: the student's and the teacher's forward compiled in
   place by torch.compile (inductor, `training.loop.compile_in_place`); compile time is reported
   apart (the warm-up column), steps after the first --warmup-steps.
+- `bf16-master`: the student's weights in bf16 (no autocast re-cast of each weight a
+  micro-batch), fp32 master copies in the fused AdamW: gradients copied up after backward, the
+  updated masters copied down after the step (DeepSpeed's bf16 mode does the same).
+- `eager-attention`: both models with transformers' "eager" attention (matmul, fp32 softmax,
+  matmul) instead of SDPA's CPU flash kernel; it keeps the `[heads, seq, seq]` weights for
+  backward, so it can only be a choice for short sequences.
 
     .venv/bin/python bench/mfu_levers.py --rounds 8
     .venv/bin/python bench/mfu_levers.py --variants minima compiled --rounds 4
@@ -51,7 +57,8 @@ from minima_cli.losses import (  # noqa: E402
 from minima_cli.training.loop import compile_in_place, cpu_has_bf16  # noqa: E402
 from minima_cli.training.state import adamw, clip_gradients  # noqa: E402
 
-VARIANTS = ("minima", "teacher-fp32", "inference-mode", "fused-linear", "compiled")
+VARIANTS = ("minima", "teacher-fp32", "inference-mode", "fused-linear", "compiled",
+            "bf16-master", "eager-attention")
 
 
 class Variant:
@@ -63,21 +70,29 @@ class Variant:
         # the frozen teacher is shared by the variants that run it alike (memory); compiling
         # is in place, so the compiled variant has its own
         key = ("fp32" if name == "teacher-fp32" or not bf16 else "bf16") + \
-            ("-compiled" if name == "compiled" else "")
+            ("-" + name if name in ("compiled", "eager-attention") else "")
         if key not in teachers:
             teacher, _ = base.load_pair(paths)
             if key.startswith("bf16"):
                 teacher = teacher.to(torch.bfloat16)
+            if name == "eager-attention":  # HF's matmul-softmax-matmul attention
+                teacher.set_attn_implementation("eager")
             teachers[key] = compile_in_place(teacher, name == "compiled")
         teacher = teachers[key]
         student = base.load_pair(paths)[1]
+        if name == "eager-attention":
+            student.set_attn_implementation("eager")
+        self.master = None
+        if name == "bf16-master":  # bf16 weights, fp32 master copies in the optimizer
+            self.master = [p.detach().float() for p in student.parameters()]
+            student.to(torch.bfloat16)
         self.params = list(student.parameters())
         self.vocab = student.config.vocab_size
         self.head = student.lm_head.weight
         self.student, self.body, self.teacher = student, student.model, teacher
         if name == "compiled":
             self.student = compile_in_place(student)
-        self.optimizer = adamw([{"params": self.params}], base.LR)
+        self.optimizer = adamw([{"params": self.master or self.params}], base.LR)
         self.no_grad = torch.inference_mode if name == "inference-mode" else torch.no_grad
         self.amp = base.autocast(args.precision)
 
@@ -98,9 +113,14 @@ class Variant:
                 loss, _ = distillation_loss(logits, target, labels, alpha=0.0,
                                             vocab_size=self.vocab)
         loss.backward()
-        clip_gradients(self.params, 1.0)
+        if self.master is not None:
+            for master, param in zip(self.master, self.params, strict=True):
+                master.grad, param.grad = param.grad.float(), None
+        clip_gradients(self.master or self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            torch._foreach_copy_(self.params, self.master)
         return time.perf_counter() - start
 
 

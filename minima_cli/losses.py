@@ -39,7 +39,11 @@ keeps only the gradient, in the student's dtype; backward scales it by grad_outp
 `[tokens, vocab]` tensor is ever alive besides that one gradient. The fused-linear variants take
 the student's final hidden states and lm_head weight instead of logits and never build the full
 student logits at all (Liger's "fused linear" idea): per chunk logits = h @ W^T, then grad_hidden
-rows and grad_weight (summed in float32) are accumulated. `chunk_tokens=None` picks
+rows and grad_weight (summed in float32) are accumulated; that matmul runs in the caller's
+autocast dtype, everything else in float32 whatever autocast is on. When the loss reads only the
+teacher's top k columns (`topk_logits_suffice`: top-k renorm, alpha 0), the fused variant
+computes just those k logits a token from gathered lm_head rows: k dot products instead of
+vocab, the lm_head's matmuls leave the step. `chunk_tokens=None` picks
 `CHUNK_ELEMENTS[device] / vocab` tokens per chunk: 2 MiB float32 temporaries on CPU, small
 enough to stay in cache (much smaller chunks pay more per-op overhead than they save), 64 MiB
 on accelerators, where fewer, larger kernels matter more. The fused variants take at least 128
@@ -68,6 +72,7 @@ are tests/reference_losses.py.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,11 +171,17 @@ def _jsd(log_p: Tensor, log_q: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     return per, g.sub_(mean_g[:, None]).mul_(q)
 
 
+def _renorm(z_k: Tensor, logprobs: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Forward KL over the teacher's k tokens, both sides renormalised over them: z_k the
+    student's scaled logits at those tokens, logprobs the teacher's (both consumed); the
+    per-token value and d/dz_k."""
+    return _fkl(_log_softmax_(logprobs.div_(temperature)), _log_softmax_(z_k))
+
+
 def _topk(z: Tensor, teacher: TopK, mode: str, temperature: float) -> tuple[Tensor, Tensor]:
     idx = teacher.indices
     if mode == "renorm":
-        log_p = _log_softmax_(teacher.logprobs.div_(temperature))
-        per, g = _fkl(log_p, _log_softmax_(z.gather(1, idx)))
+        per, g = _renorm(z.gather(1, idx), teacher.logprobs, temperature)
         return per, z.zero_().scatter_(1, idx, g)
     # tail: (k + 1)-way distributions, the last bucket holding everything outside the top k
     log_q = _log_softmax_(z)
@@ -297,10 +308,38 @@ def _finish(kd: Tensor, ce: Tensor, n: int, spec: _Spec) -> tuple[Tensor, Tensor
     return spec.alpha * ce + (1 - spec.alpha) * kd, kd, ce
 
 
+def _outside_autocast(forward):
+    """Run a loss Function's forward with the caller's autocast off: the math is float32 by
+    design, and autocast would run its batched-matmul row sums in bf16 (rounding every
+    per-token value and the JSD/RKL gradients). A matmul that builds logits takes the caller's
+    autocast dtype explicitly instead (`_head_matmul_dtype`)."""
+
+    @functools.wraps(forward)
+    def wrapped(ctx, first: Tensor, *args):
+        if not torch.amp.is_autocast_available(first.device.type):
+            return forward(ctx, first, *args)
+        with torch.autocast(first.device.type, enabled=False):
+            return forward(ctx, first, *args)
+
+    return wrapped
+
+
+def _head_matmul_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype of the fused losses' logits matmul: the caller's autocast dtype (what the
+    model's own lm_head would run in), else float32 on CPUs (without bf16 matmul units bf16
+    GEMMs run far slower) and the weight's dtype elsewhere."""
+    device = hidden.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    cdtype = torch.promote_types(hidden.dtype, torch.float32)
+    return cdtype if device == "cpu" else weight.dtype
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Loss over student logits `[N, Vs]`; forward keeps only d loss / d logits."""
 
     @staticmethod
+    @_outside_autocast
     def forward(ctx, student, teacher, labels, rows, spec: _Spec, chunk: int):
         V, cdtype = spec.vocab_size, torch.promote_types(student.dtype, torch.float32)
         need_grad = ctx.needs_input_grad[0]
@@ -338,11 +377,10 @@ class _FusedLinearKD(torch.autograd.Function):
     """Loss over logits = hidden @ weight^T, built one chunk of tokens at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher, labels, rows, spec: _Spec, chunk: int):
+    @_outside_autocast
+    def forward(ctx, hidden, weight, teacher, labels, rows, spec: _Spec, chunk: int,
+                mm_dtype: torch.dtype):
         V, cdtype = spec.vocab_size, torch.promote_types(hidden.dtype, torch.float32)
-        # CPUs without bf16 matmul units run bf16 GEMMs far slower than fp32: there, upcast the
-        # head once
-        mm_dtype = cdtype if hidden.device.type == "cpu" else weight.dtype
         w = weight.detach()[:V].to(mm_dtype)
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         # fp32 sum over chunks: a bf16 running sum would drop the small late chunks
@@ -372,12 +410,61 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        (grad_h, grad_w), ctx.grads = ctx.grads, (None, None)
-        if grad_h is None and grad_w is None:
-            raise RuntimeError("fused KD loss: backward ran twice (retain_graph is unsupported)")
-        grad_h = None if grad_h is None else grad_h.mul_((grad_total * ctx.scale).to(grad_h.dtype))
-        grad_w = None if grad_w is None else grad_w.mul_(grad_total.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None, None, None
+        return *_head_grads(ctx, grad_total), None, None, None, None, None, None
+
+
+def _head_grads(ctx, grad_total: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The fused losses' saved (grad_hidden unscaled, grad_weight scaled) times grad_output."""
+    (grad_h, grad_w), ctx.grads = ctx.grads, (None, None)
+    if grad_h is None and grad_w is None:
+        raise RuntimeError("fused KD loss: backward ran twice (retain_graph is unsupported)")
+    grad_h = None if grad_h is None else grad_h.mul_((grad_total * ctx.scale).to(grad_h.dtype))
+    grad_w = None if grad_w is None else grad_w.mul_(grad_total.to(grad_w.dtype))
+    return grad_h, grad_w
+
+
+class _SparseHeadKD(torch.autograd.Function):
+    """Top-k renormalised forward KL without the CE term on logits = hidden @ weight^T. Only
+    the teacher's k columns of each token's logits enter this loss, so they are computed as k
+    dot products with gathered weight rows (float32), never the `[tokens, vocab]` matmul; the
+    weight's gradient is k row updates a token. Same value and gradients as `_FusedLinearKD`
+    (up to rounding: its logits are rounded to the matmul dtype, here they are float32)."""
+
+    @staticmethod
+    @_outside_autocast
+    def forward(ctx, hidden, weight, teacher: TopK, rows, spec: _Spec, chunk: int):
+        V, T = spec.vocab_size, spec.temperature
+        cdtype = torch.promote_types(hidden.dtype, torch.float32)
+        w = weight.detach()
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = None  # fp32: a token's k row updates are summed over all tokens
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(weight.shape, dtype=cdtype, device=weight.device)
+        kd = torch.zeros((), dtype=cdtype, device=hidden.device)
+        for index, keep, dropped in _row_chunks(rows, hidden.shape[0], chunk):
+            h = hidden.detach()[index].to(cdtype)  # [c, H]
+            top = _teacher_rows(teacher, index, V, cdtype)
+            w_k = torch.nn.functional.embedding(top.indices, w).to(cdtype)  # [c, k, H]
+            z = (w_k @ h.unsqueeze(2)).squeeze(2)  # the student's logits at the k tokens
+            per, g = _renorm(z.div_(T) if T != 1 else z, top.logprobs, T)
+            kd = kd + _counted_sum(per, keep) * (T * T)
+            if dropped is not None:
+                g.index_fill_(0, dropped, 0)
+            if grad_h is not None:
+                grad_h[index] = (g.unsqueeze(1) @ w_k).squeeze(1).to(hidden.dtype)
+            if grad_w is not None:
+                rows_k = (g.unsqueeze(2) * h.unsqueeze(1)).view(-1, h.shape[1])
+                grad_w.index_add_(0, top.indices.reshape(-1), rows_k)
+        scale = _grad_scale(spec) / max(len(rows), 1)
+        ctx.grads = grad_h, None if grad_w is None else grad_w.mul_(scale).to(weight.dtype)
+        ctx.scale = scale
+        total, kd, ce = _finish(kd, torch.zeros_like(kd), len(rows), spec)
+        ctx.mark_non_differentiable(kd, ce)
+        return total, kd, ce
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kd, _grad_ce):
+        return *_head_grads(ctx, grad_total), None, None, None, None
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -582,13 +669,26 @@ def fused_linear_distillation_loss(
         teacher, labels, mask, lead, student_head_weight.shape[0], student_hidden.device,
         fused=True, alpha=alpha, kind=kind, topk_mode=topk_mode, temperature=temperature,
         beta=beta, vocab_size=vocab_size)
-    total, kd, ce = _FusedLinearKD.apply(
-        student_hidden.reshape(-1, H), student_head_weight, flat_teacher, flat_labels, rows,
-        spec,
-        # >= 128 tokens: each chunk's rank-n update of grad_weight rereads all of [V, hidden]
-        _chunk_size(chunk_tokens, spec.vocab_size, student_hidden.device, least=128),
-    )
+    flat_hidden, device = student_hidden.reshape(-1, H), student_hidden.device
+    if topk_logits_suffice(kind, topk_mode, alpha):
+        k = flat_teacher.indices.shape[1]
+        total, kd, ce = _SparseHeadKD.apply(
+            flat_hidden, student_head_weight, flat_teacher, rows, spec,
+            _chunk_size(chunk_tokens, k * H, device))  # [chunk, k, hidden] temporaries
+    else:
+        total, kd, ce = _FusedLinearKD.apply(
+            flat_hidden, student_head_weight, flat_teacher, flat_labels, rows, spec,
+            # >= 128 tokens: each chunk's rank-n update of grad_weight rereads all of [V, hidden]
+            _chunk_size(chunk_tokens, spec.vocab_size, device, least=128),
+            _head_matmul_dtype(student_hidden, student_head_weight))
     return total, {"ce": ce, "kd": kd}
+
+
+def topk_logits_suffice(kind: str, topk_mode: str, alpha: float) -> bool:
+    """Whether the loss reads the student's logits only at the teacher's top-k tokens (top-k
+    renormalised KD without the CE term): then the fused-linear loss computes just those k
+    logits a token instead of the whole lm_head."""
+    return kind == "topk" and topk_mode == "renorm" and alpha == 0
 
 
 def fused_linear_kd_loss(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from minima_cli.errors import MinimaError
@@ -176,3 +177,12 @@ def residual_norms(model: nn.Module) -> list[nn.Module]:
     for layer in decoder_layers(model):
         norms += [layer.input_layernorm, layer.post_attention_layernorm]
     return [*norms, model.model.norm]
+
+
+def plain_output_head(model: nn.Module) -> torch.Tensor | None:
+    """The lm_head weight when the logits are exactly `final hidden @ weight^T` (a bias-free
+    Linear: the LLaMA family), else None."""
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None:
+        return head.weight
+    return None

@@ -28,11 +28,13 @@ from minima_cli.fsutil import MANIFEST, read_manifest, write_manifest
 from minima_cli.losses import (
     TopK,
     distillation_loss,
+    fused_linear_distillation_loss,
     hidden_state_mse,
     next_token_labels,
     summed_cross_entropy,
+    topk_logits_suffice,
 )
-from minima_cli.model.arch import shape_from_config
+from minima_cli.model.arch import plain_output_head, shape_from_config
 from minima_cli.model.checkpoint import (
     ModelSource,
     check_same_tokenizer,
@@ -137,14 +139,28 @@ def needs_teacher(config: DistillConfig) -> bool:
     return config.alpha < 1 or config.hidden_weight > 0 or config.generates
 
 
+def sparse_head_applies(config: DistillConfig, student: torch.nn.Module,
+                        deepspeed_stage: int) -> bool:
+    """Whether the student's lm_head can be left out of the step: the loss reads its logits at
+    the teacher's top k only (top-k renorm, alpha 0), the head is a plain bias-free Linear, and
+    its weight is whole on every rank (not ZeRO-3, which partitions it)."""
+    return (topk_logits_suffice(config.loss, config.topk_mode, config.alpha)
+            and deepspeed_stage != 3 and plain_output_head(student) is not None)
+
+
 def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
                  cache: TeacherCache | None, stream: Any, vocab_size: int,
-                 hidden: HiddenMap | None, on_policy: OnPolicy | None = None):
+                 hidden: HiddenMap | None, on_policy: OnPolicy | None = None,
+                 unwrap: Any = None):
     """`loss_fn(student, batch) -> (loss, parts)` for train.train. With `on_policy` (the run's
     step hook) its generating steps continue each block's first `prompt_length()` tokens and
-    take the KD loss on the generated tokens; the teacher's forward is timed."""
+    take the KD loss on the generated tokens; the teacher's forward is timed. With `unwrap`
+    (the session's: wrapped model -> the HF model), the student's forward stops at its final
+    hidden states and the loss computes only the teacher's top-k logits from the lm_head's
+    rows (`sparse_head_applies`)."""
     kept = torch.tensor(hidden.kept_hidden) if hidden and hidden.kept_hidden else None
     timed = on_policy.timed if on_policy is not None else None
+    sparse = unwrap is not None
 
     def topk(logits: torch.Tensor) -> TopK:
         return TopK(*teacher_topk(logits, config.topk, vocab_size))
@@ -155,8 +171,11 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
             return on_policy.kd_on_generated(student, teacher, scored, config,
                                              topk if config.loss == "topk" else None)
         want_hidden = hidden is not None
-        # use_cache=False: no KV cache is built in training (memory, and it would be unused)
-        out = student(input_ids=batch, output_hidden_states=want_hidden, use_cache=False)
+        # use_cache=False: no KV cache is built in training (memory, and it would be unused);
+        # logits_to_keep=[] skips the lm_head when the loss builds its own k logits
+        no_logits = {"logits_to_keep": batch.new_zeros(0)} if sparse else {}
+        out = student(input_ids=batch, output_hidden_states=want_hidden or sparse,
+                      use_cache=False, **no_logits)
         if not needs_teacher(config):  # alpha 1: the LM loss alone
             total, count = summed_cross_entropy(out.logits, next_token_labels(batch))
             ce = total / max(count, 1)
@@ -173,10 +192,16 @@ def make_loss_fn(config: DistillConfig, *, teacher: torch.nn.Module | None,
             target = teacher_out.logits
             if config.loss == "topk":
                 target = topk(target)
-        loss, parts = distillation_loss(
-            out.logits, target, next_token_labels(batch), alpha=config.alpha, kind=config.loss,
-            topk_mode=config.topk_mode, temperature=config.temperature, beta=config.beta,
-            vocab_size=vocab_size)
+        options = {"alpha": config.alpha, "kind": config.loss, "topk_mode": config.topk_mode,
+                   "temperature": config.temperature, "beta": config.beta,
+                   "vocab_size": vocab_size}
+        if sparse:  # HF's last hidden state is the final norm's output: the lm_head's input
+            loss, parts = fused_linear_distillation_loss(
+                out.hidden_states[-1], plain_output_head(unwrap(student)), target,
+                next_token_labels(batch), **options)
+        else:
+            loss, parts = distillation_loss(out.logits, target, next_token_labels(batch),
+                                            **options)
         logged = {"ce": parts["ce"], "kd": parts["kd"]}
         if hidden is not None:
             mse = sum(hidden_state_mse(out.hidden_states[s + 1], teacher_out.hidden_states[t + 1],
@@ -251,14 +276,17 @@ def run_distill(*, teacher_path: str | None, student_path: str, data: str, outpu
     on_policy = OnPolicy.for_session(
         config, session, eos_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
         else [], pad_id=tokenizer.eos_token_id or 0, vocab_size=len(tokenizer))
+    sparse_head = sparse_head_applies(config, student, session.deepspeed_stage)
     loss_fn = make_loss_fn(config, teacher=teacher, cache=cache, stream=stream,
-                           vocab_size=len(tokenizer), hidden=hidden, on_policy=on_policy)
+                           vocab_size=len(tokenizer), hidden=hidden, on_policy=on_policy,
+                           unwrap=session.unwrap if sparse_head else None)
     run_id = {"config": config.fingerprint(), "data": prepared.fingerprint,
               "student": model_fingerprint(student_src), "teacher": teacher_fp}
     # model FLOPs: the student trains; the teacher forwards only when it runs (not with a cache)
     throughput = training_throughput(
         session, config, shape_from_config(student.config),
-        shape_from_config(load_config(teacher_src)) if teacher is not None else None)
+        shape_from_config(load_config(teacher_src)) if teacher is not None else None,
+        head_columns=config.topk if sparse_head else None)
     result = train(session=session, model=student, loss_fn=loss_fn, stream=stream,
                    valid_blocks=prepared.valid, config=config, run_dir=run_dir, run_id=run_id,
                    resume=resume, progress=progress, description="distill",

@@ -30,20 +30,23 @@ KNOWN_GPU_PEAKS = {
 }
 
 
-def matmul_parameters(shape: ModelShape) -> int:
+def matmul_parameters(shape: ModelShape, head_columns: int | None = None) -> int:
     """Parameters used in matmuls per token: attention and MLP projections of every layer, and
-    the lm_head (tied or not: the matmul is done either way)."""
+    the lm_head (tied or not: the matmul is done either way), or only `head_columns` of its
+    rows when a loss computes just those logits (top-k renorm without CE: k dot products)."""
     q = shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
     attention = shape.hidden * q + 2 * shape.hidden * kv + q * shape.hidden
     mlp = 3 * shape.hidden * shape.ffn
-    return shape.layers * (attention + mlp) + shape.vocab * shape.hidden
+    head = shape.vocab if head_columns is None else head_columns
+    return shape.layers * (attention + mlp) + head * shape.hidden
 
 
-def forward_flops_per_token(shape: ModelShape, context: int) -> int:
+def forward_flops_per_token(shape: ModelShape, context: int,
+                            head_columns: int | None = None) -> int:
     """FLOPs of one token's forward pass with `context` tokens attended to."""
     attention = 4 * shape.layers * context * shape.heads * shape.head_dim
-    return 2 * matmul_parameters(shape) + attention
+    return 2 * matmul_parameters(shape, head_columns) + attention
 
 
 def score_flops_per_token(shape: ModelShape, context: int, method: str) -> int:
@@ -52,16 +55,19 @@ def score_flops_per_token(shape: ModelShape, context: int, method: str) -> int:
     return (2 if method == "grad" else 1) * forward_flops_per_token(shape, context)
 
 
-def train_flops_per_token(shape: ModelShape, context: int) -> int:
+def train_flops_per_token(shape: ModelShape, context: int,
+                          head_columns: int | None = None) -> int:
     """Forward + backward (the backward costs twice the forward)."""
-    return 3 * forward_flops_per_token(shape, context)
+    return 3 * forward_flops_per_token(shape, context, head_columns)
 
 
 def distill_flops_per_token(student: ModelShape, teacher: ModelShape | None,
-                            context: int) -> int:
-    """A distillation step per token: the student trains, the teacher (if run) only forwards."""
+                            context: int, head_columns: int | None = None) -> int:
+    """A distillation step per token: the student trains (its lm_head reduced to
+    `head_columns` rows when the loss needs only those logits), the teacher (if run) only
+    forwards."""
     teacher_part = forward_flops_per_token(teacher, context) if teacher is not None else 0
-    return train_flops_per_token(student, context) + teacher_part
+    return train_flops_per_token(student, context, head_columns) + teacher_part
 
 
 def utilisation(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> float:

@@ -384,11 +384,13 @@ def load_teacher(source: Any, session) -> torch.nn.Module:
 
 
 def training_throughput(session, config: TrainConfig, student: Any,
-                        teacher: Any | None = None) -> Throughput:
-    """FLOPs per token of a training step (the student's forward and backward, plus the
-    teacher's forward when one runs; ModelShapes) and the peak of all the run's devices: what
-    `train` reports MFU against."""
-    flops = distill_flops_per_token(student, teacher, config.seq_len)
+                        teacher: Any | None = None, head_columns: int | None = None
+                        ) -> Throughput:
+    """FLOPs per token of a training step (the student's forward and backward, its lm_head
+    reduced to `head_columns` rows when the loss computes only those, plus the teacher's
+    forward when one runs; ModelShapes) and the peak of all the run's devices: what `train`
+    reports MFU against."""
+    flops = distill_flops_per_token(student, teacher, config.seq_len, head_columns)
     shapes = [student] + ([teacher] if teacher is not None else [])
     peak, source = resolve_peak(config.peak_tflops, session.device, session.precision, shapes,
                                 config.batch_size * config.seq_len)

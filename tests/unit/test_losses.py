@@ -351,6 +351,78 @@ def test_bf16_student_under_autocast_matches_the_fp64_reference(kind, dense):
                                rtol=BF16_TOL)
 
 
+@pytest.mark.parametrize("kind,beta", DIVERGENCES + [("topk", 0.5)])
+def test_autocast_leaves_the_loss_math_in_float32(kind, beta):
+    # bf16 logits under autocast must give what they give outside it, bit for bit: autocast
+    # would run the per-token sums (batched matmuls) in bf16
+    s = logits(2, N, V, seed=52).to(torch.bfloat16)
+    t = logits(2, N, V, seed=53).to(torch.bfloat16)
+    teacher = topk_of(t.float(), 6) if kind == "topk" else t
+    opts = {"kind": kind, "beta": beta, "alpha": 0.0, "temperature": 1.5 if kind != "topk" else 1.0}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = value_and_grad(lambda x: distillation_loss(
+            x, teacher, None, chunk_tokens=5, **opts)[0], s)
+    outside = value_and_grad(lambda x: distillation_loss(
+        x, teacher, None, chunk_tokens=5, **opts)[0], s)
+    assert_same(inside, outside, atol=0, rtol=0)
+
+
+def test_fused_linear_under_autocast_rounds_only_the_logits():
+    # the logits matmul takes autocast's dtype, as the model's lm_head would; the rest is fp32
+    h, w = logits(N, 8, seed=54, scale=1.0).float(), logits(V, 8, seed=55, scale=1.0).float()
+    t = logits(N, V, seed=56)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = fused_linear_kd_loss(h, w, t, kind="jsd", beta=0.3)
+    expected = kd_loss((h.bfloat16() @ w.bfloat16().T).float(), t.float(), kind="jsd", beta=0.3)
+    torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dense", [True, False], ids=["row-ranges", "gathered"])
+def test_sparse_head_topk_equals_full_logits(temperature, dense):
+    # top-k renorm without CE reads k logits a token: the fused loss builds only those, from
+    # gathered lm_head rows, and must equal the loss on the full logits (vocab padding too)
+    H, Vs, real = 8, 40, V
+    h, w = logits(2, N, H, seed=57, scale=1.0), logits(Vs, H, seed=58, scale=1.0)
+    teacher = topk_of(logits(2, N, V, seed=59), 5)
+    mask = torch.ones(2, N, dtype=torch.bool)
+    mask[:, -1] = False
+    if not dense:
+        mask[:, :15] = False
+    opts = {"mode": "renorm", "temperature": temperature, "mask": mask, "vocab_size": real}
+    assert losses.topk_logits_suffice("topk", "renorm", 0.0)
+    sparse = value_and_grad(lambda x, y: fused_linear_kd_loss(
+        x, y, teacher, kind="topk", topk_mode="renorm", temperature=temperature, mask=mask,
+        vocab_size=real, chunk_tokens=3), h, w)
+    naive = value_and_grad(lambda x, y: naive_topk_kd_loss(x @ y.T, *teacher, **opts), h, w)
+    assert_same(sparse, naive)
+    untouched = torch.ones(Vs, dtype=torch.bool)
+    untouched[teacher.indices[mask].unique()] = False
+    assert torch.all(sparse[1][1][untouched] == 0)  # only the teacher's tokens' rows move
+
+
+@pytest.mark.parametrize("alpha,mode", [(0.3, "renorm"), (0.0, "tail")])
+def test_sparse_head_is_not_used_when_the_loss_needs_all_logits(alpha, mode):
+    assert not losses.topk_logits_suffice("topk", mode, alpha)
+    assert not losses.topk_logits_suffice("fkl", "renorm", 0.0)
+
+
+def test_sparse_head_in_bf16_autocast_matches_full_logits():
+    h = logits(2, N, 16, seed=60, scale=1.0).float()
+    w = logits(V, 16, seed=61, scale=1.0).float()
+    teacher = topk_of(logits(2, N, V, seed=62), 6)
+    teacher = TopK(teacher.logprobs.half(), teacher.indices)  # a cache stores float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, (gh, gw) = value_and_grad(lambda x, y: fused_linear_kd_loss(
+            x, y, teacher, kind="topk"), h, w)
+    ref_value, (rh, rw) = value_and_grad(lambda x, y: naive_topk_kd_loss(
+        x.double() @ y.double().T, teacher.logprobs.double(), teacher.indices), h, w)
+    assert value.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float32
+    # the k logits are float32 dot products: close to the float64 reference, not bf16-close
+    torch.testing.assert_close(value.double(), ref_value, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw.double(), rw.double(), atol=1e-6, rtol=1e-5)
+
+
 def test_no_grad_and_grad_output_scaling():
     s, t = logits(N, V, seed=38), logits(N, V, seed=39)
     with torch.no_grad():

@@ -133,6 +133,43 @@ def test_offline_teacher_cache_trains_like_the_online_top_k(tiny_world, pruned, 
     assert code == 2
 
 
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 1e-2)])
+def test_top_k_without_ce_skips_the_lm_head_and_trains_alike(tiny_world, pruned, tmp_path,
+                                                            monkeypatch, precision, tol):
+    # --loss topk --alpha 0 reads the student's logits at the teacher's k tokens only: the step
+    # builds those k logits from lm_head rows instead of the full head, with the same result
+    from minima_cli.model.arch import shape_from_config
+    from minima_cli.stages import distill
+    from minima_cli.training.flops import forward_flops_per_token, train_flops_per_token
+
+    calls = []
+    real = distill.fused_linear_distillation_loss
+    monkeypatch.setattr(distill, "fused_linear_distillation_loss",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    options = ["--loss", "topk", "--topk", "16", "--alpha", "0", "--precision", precision]
+    sparse, full = tmp_path / "sparse", tmp_path / "full"
+    assert main([*distill_args(tiny_world, pruned, sparse, steps=4), *options]) == 0
+    assert calls  # the sparse head ran
+    monkeypatch.setattr(distill, "sparse_head_applies", lambda *a: False)
+    calls.clear()
+    assert main([*distill_args(tiny_world, pruned, full, steps=4), *options]) == 0
+    assert not calls
+    losses = [[json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+              for out in (sparse, full)]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=0,
+                               rtol=tol)
+    expected = load_file(full / "model.safetensors")
+    actual = load_file(sparse / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=tol, rtol=0)
+    # model FLOPs count the k lm_head rows the step computes, not the whole head
+    student = shape_from_config(AutoConfig.from_pretrained(pruned))
+    teacher = shape_from_config(AutoConfig.from_pretrained(tiny_world / "teacher"))
+    metrics = json.loads((sparse / "minima.json").read_text())["metrics"]
+    assert metrics["flops_per_token"] == train_flops_per_token(student, 32, head_columns=16) \
+        + forward_flops_per_token(teacher, 32)
+
+
 def test_hidden_state_loss_on_kept_dims_and_yaml_config(tiny_world, pruned, tmp_path, capsys):
     recipe = tmp_path / "distill.yaml"
     recipe.write_text("distill:\n  hidden_weight: 1.0\n  max_steps: 3\n  loss: rkl\n")

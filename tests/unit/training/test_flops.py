@@ -35,6 +35,14 @@ def test_flops_equal_a_hand_count():
     assert distill_flops_per_token(SHAPE, None, 5) == train_flops_per_token(SHAPE, 5)
 
 
+def test_a_loss_on_k_logits_counts_k_rows_of_the_lm_head():
+    per_layer = 8 * 8 + 8 * 4 + 8 * 4 + 8 * 8 + 3 * 8 * 16
+    assert matmul_parameters(SHAPE, head_columns=3) == 2 * per_layer + 3 * 8
+    assert distill_flops_per_token(SHAPE, SHAPE, 5, head_columns=3) == \
+        train_flops_per_token(SHAPE, 5, head_columns=3) + forward_flops_per_token(SHAPE, 5)
+    assert train_flops_per_token(SHAPE, 5) - train_flops_per_token(SHAPE, 5, 3) == 6 * 7 * 8
+
+
 def test_the_lm_head_counts_whether_tied_or_not():
     assert matmul_parameters(SHAPE.replace(tied=False)) == matmul_parameters(SHAPE)
 
