@@ -120,7 +120,8 @@ class Variant:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.master is not None:
-            torch._foreach_copy_(self.params, self.master)
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.master)
         return time.perf_counter() - start
 
 

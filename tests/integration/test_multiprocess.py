@@ -170,3 +170,20 @@ def test_on_policy_under_zero3_generates_as_plain_data_parallel(tiny_world, prun
     assert logs["zero3"][0]["loss"] == pytest.approx(logs["ddp"][0]["loss"], rel=1e-4)
     for ddp, zero3 in zip(logs["ddp"], logs["zero3"], strict=True):
         assert zero3["loss"] == pytest.approx(ddp["loss"], rel=2e-2)
+
+
+def test_sparse_head_under_ddp_zero2_and_zero3_matches_one_process(tiny_world, pruned,  # noqa: F811
+                                                                   tmp_path):
+    """--loss topk --alpha 0 computes only the teacher's k logits from the lm_head's rows: under
+    DDP and ZeRO-2 the weight is whole on every rank and its gradient is reduced like any other;
+    ZeRO-3 partitions it, so there the student runs its full head (the same loss)."""
+    sparse = ["--loss", "topk", "--topk", "16", "--alpha", "0", "--max-steps", "6"]
+    single = tmp_path / "single"
+    assert main([*distill_args(tiny_world, pruned, single, batch_size=4), *sparse]) == 0
+    expected = load_file(single / "model.safetensors")
+    for name, extra, atol in (("ddp", [], 1e-4),
+                              ("zero2", ["--deepspeed", str(RECIPES / "zero2.json")], 1e-4),
+                              ("zero3", ["--deepspeed", str(RECIPES / "zero3.json")], 3e-3)):
+        out = tmp_path / name
+        finish(torchrun([*distill_args(tiny_world, pruned, out, batch_size=2), *sparse, *extra]))
+        assert_close(expected, out, atol=atol)

@@ -133,9 +133,13 @@ def test_offline_teacher_cache_trains_like_the_online_top_k(tiny_world, pruned, 
     assert code == 2
 
 
-@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("bf16", 1e-2)])
+# bf16: the full head rounds its logits to bf16, the sparse head's k dot products are fp32;
+# Adam turns that noise on near-zero gradients into updates of up to ~lr (3e-3) a step
+@pytest.mark.parametrize("precision,tol,weight_tol", [("fp32", 1e-5, 1e-5),
+                                                      ("bf16", 1e-2, 2e-2)])
 def test_top_k_without_ce_skips_the_lm_head_and_trains_alike(tiny_world, pruned, tmp_path,
-                                                            monkeypatch, precision, tol):
+                                                            monkeypatch, precision, tol,
+                                                            weight_tol):
     # --loss topk --alpha 0 reads the student's logits at the teacher's k tokens only: the step
     # builds those k logits from lm_head rows instead of the full head, with the same result
     from minima_cli.model.arch import shape_from_config
@@ -161,7 +165,7 @@ def test_top_k_without_ce_skips_the_lm_head_and_trains_alike(tiny_world, pruned,
     expected = load_file(full / "model.safetensors")
     actual = load_file(sparse / "model.safetensors")
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], atol=tol, rtol=0)
+        torch.testing.assert_close(actual[name], expected[name], atol=weight_tol, rtol=0)
     # model FLOPs count the k lm_head rows the step computes, not the whole head
     student = shape_from_config(AutoConfig.from_pretrained(pruned))
     teacher = shape_from_config(AutoConfig.from_pretrained(tiny_world / "teacher"))
