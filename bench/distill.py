@@ -112,9 +112,10 @@ def build_world(root: Path, args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
-def load_pair(paths: dict[str, Path]) -> tuple[torch.nn.Module, torch.nn.Module]:
+def load_pair(paths: dict[str, Path], device: torch.device | str = "cpu",
+              ) -> tuple[torch.nn.Module, torch.nn.Module]:
     teacher = load_model(resolve_model(paths["teacher"])).eval().requires_grad_(False)
-    return teacher, load_model(resolve_model(paths["student"])).train()
+    return teacher.to(device), load_model(resolve_model(paths["student"])).train().to(device)
 
 
 def student_tokenizer(paths: dict[str, Path]):
@@ -128,10 +129,50 @@ def train_blocks(paths: dict[str, Path], args: argparse.Namespace) -> torch.Tens
     return torch.cat([blocks[:] for blocks in prepared.train]).long()
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
+def bench_device(args: argparse.Namespace) -> torch.device:
+    """Where the bench's own sides (floor, plain, TRL) run: --device (bench/mfu.py), else the
+    CPU."""
+    return torch.device(getattr(args, "device", "cpu"))
+
+
+def use_device(device: torch.device) -> None:
+    """Make minima's own sides run where the bench's do: run_distill's LocalSession takes
+    `training.loop.default_device()` (the GPU when there is one), so it is pinned to `device`
+    for this process, and a `cuda:N` becomes the current GPU (TRL's Trainer and
+    `minima cache-teacher` take the current one)."""
+    import minima_cli.training.loop as loop
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    loop.default_device = lambda: device
+
+
+def checked_device(parser: argparse.ArgumentParser, device: str) -> str:
+    """--device resolved (auto: the GPU when there is one), or the parser's error and exit 2."""
+    from minima_cli.errors import MinimaError
+    from minima_cli.runtime import resolve_device
+
+    try:
+        return resolve_device(device)
+    except MinimaError as error:
+        parser.error(str(error))
+
+
+def autocast(precision: str, device: torch.device | str = "cpu",
+             ) -> contextlib.AbstractContextManager:
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the GPU's queued work before a clock is read (its kernels run asynchronously);
+    nothing on the CPU. With no device: whenever this process has started CUDA."""
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    elif torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- the sides
@@ -139,9 +180,15 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def step_clock() -> Iterator[list[float]]:
-    """perf_counter() after every optimizer step taken in this process while inside."""
+    """perf_counter() after every optimizer step taken in this process while inside (after
+    the GPU's queue drains, on CUDA)."""
     ends: list[float] = []
-    handle = register_optimizer_step_post_hook(lambda *_: ends.append(time.perf_counter()))
+
+    def stamp(*_) -> None:
+        synchronize()
+        ends.append(time.perf_counter())
+
+    handle = register_optimizer_step_post_hook(stamp)
     try:
         yield ends
     finally:
@@ -176,18 +223,21 @@ def minima_seconds(paths: dict[str, Path], root: Path, args: argparse.Namespace)
 
 
 def batches(blocks: torch.Tensor, args: argparse.Namespace) -> Iterator[torch.Tensor]:
+    device = bench_device(args)
     for step in range(args.steps):
         rows = torch.arange(step * args.batch_size, (step + 1) * args.batch_size) % len(blocks)
-        yield blocks[rows]
+        yield blocks[rows].to(device)
 
 
 def floor_seconds(paths, blocks, args) -> tuple[float, float]:
     """(teacher forward, student forward+backward+AdamW) seconds per step, steps after warm-up."""
-    teacher, student = load_pair(paths)
+    device = bench_device(args)
+    teacher, student = load_pair(paths, device)
     optimizer = adamw([{"params": list(student.parameters())}], LR)
     t_times, s_times = [], []
-    with autocast(args.precision):
+    with autocast(args.precision, device):
         for batch in batches(blocks, args):
+            synchronize(device)
             start = time.perf_counter()
             with torch.no_grad():
                 teacher(input_ids=batch).logits.sum().item()
@@ -195,6 +245,7 @@ def floor_seconds(paths, blocks, args) -> tuple[float, float]:
             student(input_ids=batch).logits.float().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
             t_times.append(middle - start)
             s_times.append(time.perf_counter() - middle)
     skip = args.warmup_steps
@@ -203,11 +254,13 @@ def floor_seconds(paths, blocks, args) -> tuple[float, float]:
 
 def plain_seconds(paths, blocks, args) -> float:
     """Seconds per step of a bare loop with TRL's unchunked forward-KL recipe."""
-    teacher, student = load_pair(paths)
+    device = bench_device(args)
+    teacher, student = load_pair(paths, device)
     optimizer = adamw([{"params": list(student.parameters())}], LR)
     times = []
-    with autocast(args.precision):
+    with autocast(args.precision, device):
         for batch in batches(blocks, args):
+            synchronize(device)
             start = time.perf_counter()
             with torch.no_grad():
                 teacher_logits = teacher(input_ids=batch).logits
@@ -216,6 +269,7 @@ def plain_seconds(paths, blocks, args) -> float:
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return statistics.mean(times[args.warmup_steps:])
 
@@ -231,13 +285,15 @@ def trl_seconds(paths, blocks, out: Path, args) -> float:
             self.ends: list[float] = []
 
         def on_step_end(self, *_args, **_kwargs) -> None:
+            synchronize(device)
             self.ends.append(time.perf_counter())
 
     def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([row["input_ids"] for row in rows])
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    teacher, student = load_pair(paths)
+    device = bench_device(args)
+    teacher, student = load_pair(paths)  # the Trainer places them (use_cpu below)
     n = args.steps * args.batch_size
     rows = blocks[torch.arange(n) % len(blocks)]
     dataset = Dataset.from_dict({"input_ids": rows.tolist()})
@@ -248,7 +304,7 @@ def trl_seconds(paths, blocks, out: Path, args) -> float:
         weight_decay=0.1,
         max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
         lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_length=args.seq_len,
-        bf16=args.precision == "bf16", fp16=False, use_cpu=True, seed=0,
+        bf16=args.precision == "bf16", fp16=False, use_cpu=device.type == "cpu", seed=0,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
         # TRL turns activation checkpointing on by default; minima and the floor keep
@@ -294,17 +350,19 @@ def profile_minima_step(paths, blocks, args) -> None:
     """Where a minima-style step's time goes: its loop body with timing sections."""
     from minima_cli.losses import distillation_loss
 
-    teacher, student = load_pair(paths)
+    device = bench_device(args)
+    teacher, student = load_pair(paths, device)
     optimizer = adamw([{"params": list(student.parameters())}], LR)
     vocab = len(student_tokenizer(paths))
     sections: dict[str, list[float]] = {}
 
     def lap(name: str, start: float) -> float:
+        synchronize(device)
         now = time.perf_counter()
         sections.setdefault(name, []).append(now - start)
         return now
 
-    with autocast(args.precision):
+    with autocast(args.precision, device):
         for batch in batches(blocks, args):
             t = time.perf_counter()
             labels = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -100)], 1)
@@ -348,6 +406,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N; auto: the GPU when there is one (every side)")
     parser.add_argument("--text-chars", type=int, default=1_500_000,
                         help="characters of real text (tokenizer training and data)")
     parser.add_argument("--valid-fraction", type=float, default=0.002)
@@ -357,6 +417,8 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.warmup_steps < args.steps:
         parser.error("need 0 < --warmup-steps < --steps")
+    args.device = checked_device(parser, args.device)
+    use_device(torch.device(args.device))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
 

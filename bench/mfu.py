@@ -34,6 +34,12 @@ Sides, each round in a rotated order (bench/distill.py's `interleaved`):
   another loss than TRL's full forward KL, so it is printed against TRL without a verdict.
 - trl: `GKDTrainer(lmbda 0, beta 0, seq_kd False)`, same batch, lr, clip, fused AdamW.
 
+Devices (--device, default the GPU when there is one): every side runs on the same one
+(run_distill's LocalSession is pinned to it: bench/distill.py's `use_device`); on a GPU the
+clocks are read after torch.cuda.synchronize(), the peak is still measured (at the models'
+shapes, on that GPU) and the listed bf16 peak of `training.flops.known_gpu_peak` is printed
+beside it; the MFU goal there is the issue's 40 % (bench/gpu_checks.sh runs the 1B pair).
+
 Every side's FLOPs per token: `training.flops.distill_flops_per_token` (student 6N + teacher 2N
 + attention; PaLM's convention), the same for floor, minima and TRL.
 
@@ -79,12 +85,14 @@ from minima_cli.stages.configs import DistillConfig  # noqa: E402
 from minima_cli.stages.distill import run_distill  # noqa: E402
 from minima_cli.training.flops import (  # noqa: E402
     distill_flops_per_token,
+    known_gpu_peak,
     matmul_shapes,
     measure_matmul_peak,
 )
 from minima_cli.training.loop import cpu_has_bf16  # noqa: E402
 
 MFU_GOAL = 0.5
+MFU_GOAL_GPU = 0.4  # the issue's GPU goal (for the 1B -> 400M pair)
 TRL_GOAL = 1.5
 CACHE_GOAL = 1.5
 TOPK = 64
@@ -172,7 +180,8 @@ def topk_seconds(paths: dict[str, Path], cache: Path | None, root: Path,
 def peak_flops(shapes, args: argparse.Namespace) -> float:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rows = args.batch_size * args.seq_len
-    return measure_matmul_peak(sorted({m for s in shapes for m in matmul_shapes(s, rows)}), dtype)
+    return measure_matmul_peak(sorted({m for s in shapes for m in matmul_shapes(s, rows)}), dtype,
+                               device=args.device)
 
 
 def main() -> None:
@@ -188,9 +197,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per run")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    parser.add_argument("--precision", choices=("fp32", "bf16"),
-                        default="bf16" if cpu_has_bf16() else "fp32")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="default: bf16 on a GPU or a CPU with native bf16, else fp32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads (no effect on a GPU's sides)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N; auto: the GPU when there is one (every side)")
     parser.add_argument("--text-chars", type=int, default=50_000)
     parser.add_argument("--data-chars", type=int, default=None,
                         help="training text kept for the runs (default: all of --text-chars)")
@@ -203,6 +215,12 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.warmup_steps < args.steps:
         parser.error("need 0 < --warmup-steps < --steps")
+    args.device = base.checked_device(parser, args.device)
+    device = torch.device(args.device)
+    base.use_device(device)
+    on_gpu = device.type == "cuda"
+    if args.precision is None:
+        args.precision = "bf16" if on_gpu or cpu_has_bf16() else "fp32"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
 
@@ -231,8 +249,10 @@ def main() -> None:
               f"hidden {t_shape.hidden}), student {n_s / 1e6:.1f}M ({s_shape.layers} layers, "
               f"hidden {s_shape.hidden}), vocab {s_shape.vocab}; {len(blocks)} train blocks; "
               f"set-up {time.perf_counter() - started:.0f} s")
+        where = torch.cuda.get_device_name(device) if on_gpu else \
+            f"{torch.get_num_threads()} threads"
         print(f"batch {args.batch_size} x {args.seq_len} = {tokens} tokens/step, "
-              f"{args.precision}, {torch.get_num_threads()} threads, load average "
+              f"{args.precision}, {where}, load average "
               f"{os.getloadavg()[0]:.1f}; model FLOPs/token {online / 1e9:.3f} G online, "
               f"{student_only / 1e9:.3f} G student only; steps {args.warmup_steps + 1}.."
               f"{args.steps} timed, {args.repeats} interleaved rounds")
@@ -258,6 +278,10 @@ def main() -> None:
     print(f"\nmatmul peak at the models' shapes ({args.precision}): "
           f"{statistics.median(peaks) / 1e9:.0f} GFLOP/s (rounds: "
           + " ".join(f"{p / 1e9:.0f}" for p in peaks) + ")")
+    if on_gpu:
+        listed = known_gpu_peak(torch.cuda.get_device_name(device))
+        print("listed bf16 peak of this GPU (for reference; MFU is against the measured one): "
+              + (f"{listed / 1e12:.0f} TFLOP/s" if listed else "not listed"))
     print(f"{'side':<16}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>8}   rounds (s/step)")
     mfu = {}
     for name, rounds in results.items():
@@ -278,7 +302,7 @@ def main() -> None:
         wanted = f"{goal:.0%}" if unit == "%" else f"{goal}x"
         print(f"  {label:<44}{shown:>9} (goal >= {wanted}): {'PASS' if ok else 'MISS'}")
 
-    verdict("minima MFU", mfu["minima"], MFU_GOAL, "%")
+    verdict("minima MFU", mfu["minima"], MFU_GOAL_GPU if on_gpu else MFU_GOAL, "%")
     print(f"  {'minima tokens/s / floor tokens/s':<44}"
           f"{base.paired(results['floor'], results['minima']):>8.3f}x")
     if "trl" in results:
@@ -293,7 +317,8 @@ def main() -> None:
         print(f"  {'online top-k (sparse head) / TRL tokens/s':<44}"
               f"{base.paired(results['trl'], results['minima-topk']):>8.3f}x"
               "  (another loss: top-64 renorm vs TRL's full forward KL)")
-    print("PASS" if all(verdicts) else "MISS", f"({args.pair}, {args.precision}, load average "
+    print("PASS" if all(verdicts) else "MISS", f"({args.pair}, {args.precision}, "
+          + (f"{torch.cuda.get_device_name(device)}, " if on_gpu else "") + "load average "
           f"{os.getloadavg()[0]:.1f})")
 
 
