@@ -19,12 +19,19 @@ from minima_cli.training.state import list_checkpoints
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_exits_130_with_one_line_and_resume_completes(tiny_world, pruned, tmp_path):
     out = tmp_path / "student"
     args = distill_args(tiny_world, pruned, out, steps=400)
+    # Ctrl-C's default action in the child, however pytest was started: a shell without job
+    # control starts background jobs with SIGINT ignored, which children inherit (and Python
+    # then installs no KeyboardInterrupt handler): the run would ignore the interrupt
     process = subprocess.Popen([sys.executable, "-m", "minima_cli.cli", *map(str, args)],
                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=default_sigint)
     checkpoints = out.with_name("student.run") / "checkpoints"
     started = time.time()
     # Ctrl-C once the run has a complete checkpoint (any: the first is rotated away a few steps
