@@ -118,6 +118,13 @@ def load_pair(paths: dict[str, Path], device: torch.device | str = "cpu",
     return teacher.to(device), load_model(resolve_model(paths["student"])).train().to(device)
 
 
+def parameter_counts(paths: dict[str, Path]) -> tuple[int, int]:
+    """(teacher, student) parameters; each model is loaded only to be counted."""
+    teacher, student = (sum(p.numel() for p in load_model(resolve_model(paths[name])).parameters())
+                        for name in ("teacher", "student"))
+    return teacher, student
+
+
 def student_tokenizer(paths: dict[str, Path]):
     return load_tokenizer(resolve_model(paths["student"]))
 
@@ -426,10 +433,7 @@ def main() -> None:
         root = Path(tmp)
         paths = build_world(root, args)
         blocks = train_blocks(paths, args)
-        teacher, student = load_pair(paths)
-        n_t = sum(p.numel() for p in teacher.parameters())
-        n_s = sum(p.numel() for p in student.parameters())
-        del teacher, student
+        n_t, n_s = parameter_counts(paths)
         tokens = args.batch_size * args.seq_len
         print(f"teacher: hidden {args.hidden}, {args.layers} layers, {n_t / 1e6:.1f}M params; "
               f"student: hidden {args.student_hidden}, {args.student_layers} layers, "

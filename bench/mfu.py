@@ -75,6 +75,7 @@ from realtext import real_documents, split_by_document, write_jsonl  # noqa: E40
 import minima_cli.stages.distill as distill_stage  # noqa: E402
 from minima_cli.model.arch import shape_from_config  # noqa: E402
 from minima_cli.model.checkpoint import (  # noqa: E402
+    load_config,
     load_model,
     load_tokenizer,
     quiet_transformers,
@@ -233,11 +234,9 @@ def main() -> None:
             # a held-out piece must fill a block: 8 characters a token is ample for BPE text
             shorten_data(paths, args.data_chars, piece=8 * args.seq_len)
         blocks = base.train_blocks(paths, args)
-        teacher, student = base.load_pair(paths)
-        t_shape, s_shape = shape_from_config(teacher.config), shape_from_config(student.config)
-        n_t = sum(p.numel() for p in teacher.parameters())
-        n_s = sum(p.numel() for p in student.parameters())
-        del teacher, student
+        t_shape, s_shape = (shape_from_config(load_config(resolve_model(paths[name])))
+                            for name in ("teacher", "student"))
+        n_t, n_s = base.parameter_counts(paths)
         online = distill_flops_per_token(s_shape, t_shape, args.seq_len)
         student_only = distill_flops_per_token(s_shape, None, args.seq_len)
         # the sparse head computes TOPK rows of the student's lm_head, not vocab

@@ -439,10 +439,7 @@ def speed(root: Path, args: argparse.Namespace) -> list[bool]:
     paths = build_speed_pair(root, args)
     blocks = base.train_blocks(paths, argparse.Namespace(seq_len=args.seq_len_speed,
                                                          valid_fraction=args.valid_fraction))
-    teacher, student = base.load_pair(paths)
-    n_t = sum(p.numel() for p in teacher.parameters())
-    n_s = sum(p.numel() for p in student.parameters())
-    del teacher, student
+    n_t, n_s = base.parameter_counts(paths)
     tokens = args.speed_batch * args.seq_len_speed
     print(f"\nspeed: pair {args.pair}, teacher {n_t / 1e6:.2f}M params, student "
           f"{n_s / 1e6:.2f}M; {len(blocks)} blocks of {args.prompt_tokens} prompt + "
